@@ -1,0 +1,42 @@
+#pragma once
+// The external memory of one memory layer: the (key, value) pairs of all earlier text, per head,
+// stored in mem_dtype (bf16 by default, rounded to nearest even like torch's .to()). Keys are the
+// raw k_proj outputs: "rotated as if at position 0", which is the identity.
+// Storage is chunked so that growing to millions of tokens never copies what is already there.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/config.h"
+
+namespace ll {
+
+class KVMemory {
+ public:
+  static constexpr int kChunkTokens = 1024;
+
+  KVMemory(int heads, int head_dim, MemDType dtype);
+
+  int64_t size() const { return size_; }
+  int heads() const { return heads_; }
+  int head_dim() const { return head_dim_; }
+  MemDType dtype() const { return dtype_; }
+  size_t bytes() const;  // storage in use (keys + values)
+
+  // Appends n tokens; row t of k and v holds all heads (head h at offset h*head_dim), stride ld.
+  void append(const float* k, const float* v, int n, int ld);
+  // Copies keys and values [start, start+count) of head h to float32 ([count][head_dim] each).
+  void read(int h, int64_t start, int count, float* kout, float* vout) const;
+
+ private:
+  struct Chunk {
+    std::vector<uint8_t> k, v;  // [heads][kChunkTokens][head_dim] of dtype
+  };
+  int heads_, head_dim_;
+  MemDType dtype_;
+  size_t elem_;
+  int64_t size_ = 0;
+  std::vector<std::shared_ptr<Chunk>> chunks_;  // full chunks are immutable: copies share them
+};
+
+}  // namespace ll

@@ -1,0 +1,43 @@
+#pragma once
+// LongLLaMA model configuration: the fields of the Hugging Face config.json, with the official
+// defaults (configuration_longllama.py) where a field is absent.
+#include <string>
+#include <vector>
+
+namespace ll {
+
+enum class MemDType { F32, BF16, F16 };
+
+struct ModelConfig {
+  int vocab_size = 32000;
+  int hidden_size = 4096;
+  int intermediate_size = 11008;
+  int num_hidden_layers = 32;
+  int num_attention_heads = 32;
+  int max_position_embeddings = 2048;  // window length W and the local-cache limit
+  float rms_norm_eps = 1e-6f;
+  float rope_theta = 10000.0f;
+  int bos_token_id = 1;
+  int eos_token_id = 2;
+  int pad_token_id = 0;
+  bool tie_word_embeddings = false;
+  int last_context_length = 1024;  // trailing tokens of a call kept in the local cache
+  std::vector<int> mem_layers;     // 0-based indices of memory layers
+  bool mem_positionals = true;     // false: memory layers use no RoPE at all
+  MemDType mem_dtype = MemDType::BF16;
+  std::string hidden_act = "silu";
+
+  int head_dim() const { return hidden_size / num_attention_heads; }
+  bool is_mem_layer(int layer) const;
+
+  // Throws ll::Error naming `source` and the field.
+  static ModelConfig from_json_text(const std::string& text, const std::string& source);
+  static ModelConfig from_file(const std::string& path);
+  std::string to_json() const;  // HF-style config.json, loadable by the official code
+  void validate(const std::string& source) const;
+};
+
+const char* mem_dtype_name(MemDType t);
+MemDType parse_mem_dtype(const std::string& s, const std::string& source);
+
+}  // namespace ll

@@ -1,0 +1,208 @@
+#include "model/session.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "util/error.h"
+
+namespace ll {
+
+namespace {
+constexpr int kKeyBlock = 256;  // keys per attention block (local and memory)
+}
+
+Session::Session(const Model& model)
+    : model_(&model), rope_(model.config.head_dim(), model.config.rope_theta) {
+  reset();
+}
+
+void Session::reset() {
+  const ModelConfig& c = model_->config;
+  local_.assign(c.num_hidden_layers, {});
+  for (auto& L : local_) {
+    L.k_rot.resize(c.num_attention_heads);
+    L.k_raw.resize(c.num_attention_heads);
+    L.v.resize(c.num_attention_heads);
+  }
+  local_n_ = 0;
+  memory_.clear();
+  memory_.resize(c.num_hidden_layers);
+  for (int l : c.mem_layers) memory_[l].emplace(c.num_attention_heads, c.head_dim(), c.mem_dtype);
+  tokens_seen_ = 0;
+}
+
+int64_t Session::memory_length(int layer) const {
+  return memory_.at(layer) ? memory_[layer]->size() : 0;
+}
+
+size_t Session::memory_bytes() const {
+  size_t b = 0;
+  for (const auto& m : memory_)
+    if (m) b += m->bytes();
+  return b;
+}
+
+std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache, LogitsWanted which,
+                                    const ProgressFn& progress) {
+  const ModelConfig& c = model_->config;
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] < 0 || ids[i] >= c.vocab_size)
+      throw Error("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                  " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+  if (!use_cache && local_n_ > 0)
+    throw Error("forward without cache needs an empty local cache (start a new session)");
+  const int64_t T = int64_t(ids.size());
+  std::vector<float> logits;
+  if (T == 0) return logits;
+  if (which == LogitsWanted::All) logits.resize(size_t(T) * c.vocab_size);
+  if (which == LogitsWanted::Last) logits.resize(c.vocab_size);
+
+  // Official chunking (_handle_long_input): prefix windows of W tokens, then the last
+  // last_context_length tokens in one call. Windows of a call that starts without a cache run
+  // without one.
+  const int64_t W = c.max_position_embeddings;
+  const int64_t pre = std::max<int64_t>(T - c.last_context_length, 0);
+  const bool window_cache = local_n_ > 0 ? use_cache : false;
+  int64_t done = 0;
+  auto run = [&](int64_t begin, int64_t end, bool cache, bool final) {
+    const int q = int(end - begin);
+    float* out = nullptr;
+    if (which == LogitsWanted::All) out = logits.data() + size_t(begin) * c.vocab_size;
+    if (which == LogitsWanted::Last && final) out = logits.data();
+    run_chunk(ids.data() + begin, q, cache, which == LogitsWanted::All, which == LogitsWanted::Last && final, out);
+    done = end;
+    if (progress) progress(done, T);
+  };
+  for (int64_t s = 0; s < pre; s += W) run(s, std::min(pre, s + W), window_cache, false);
+  if (pre < T) run(pre, T, use_cache, true);
+  return logits;
+}
+
+void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, bool last_logit, float* logits) {
+  const Model& m = *model_;
+  const ModelConfig& c = m.config;
+  const int d = c.hidden_size, f = c.intermediate_size, V = c.vocab_size;
+
+  // A chunk that would overflow the local cache flushes all of it first (strictly greater than W).
+  const bool flush = local_n_ > 0 && local_n_ + q > c.max_position_embeddings;
+  const bool had_cache = local_n_ > 0;
+  const int n_keep = flush ? 0 : local_n_;
+
+  std::vector<float> x(size_t(q) * d), xn(size_t(q) * d), Q(size_t(q) * d), K(size_t(q) * d),
+      Vv(size_t(q) * d), att(size_t(q) * d), tmp(size_t(q) * d);
+  std::vector<float> gate(size_t(q) * f), up(size_t(q) * f);
+  for (int i = 0; i < q; ++i) std::memcpy(&x[size_t(i) * d], &m.embed[size_t(ids[i]) * d], sizeof(float) * d);
+
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& L = m.layers[l];
+    const bool is_mem = c.is_mem_layer(l);
+    rmsnorm(x.data(), L.attn_norm.data(), q, d, c.rms_norm_eps, xn.data());
+    matmul_nt(xn.data(), q, d, L.wq.data(), d, Q.data());
+    matmul_nt(xn.data(), q, d, L.wk.data(), d, K.data());
+    matmul_nt(xn.data(), q, d, L.wv.data(), d, Vv.data());
+
+    if (flush) {
+      LocalCache& lc = local_[l];
+      if (is_mem && use_cache) {  // the whole old cache moves to memory before attention
+        const int D = c.head_dim(), H = c.num_attention_heads;
+        std::vector<float> kr(size_t(local_n_) * d), vr(size_t(local_n_) * d);
+        for (int h = 0; h < H; ++h)
+          for (int t = 0; t < local_n_; ++t) {
+            std::memcpy(&kr[size_t(t) * d + h * D], &lc.k_raw[h][size_t(t) * D], sizeof(float) * D);
+            std::memcpy(&vr[size_t(t) * d + h * D], &lc.v[h][size_t(t) * D], sizeof(float) * D);
+          }
+        memory_[l]->append(kr.data(), vr.data(), local_n_, d);
+      }
+      for (auto* vecs : {&lc.k_rot, &lc.k_raw, &lc.v})
+        for (auto& v : *vecs) v.clear();
+    }
+
+    // Window to memory: a memory layer called without a cache and without use_cache appends this
+    // chunk's keys/values after its attention (so the chunk does not see itself twice).
+    const bool window_to_memory = is_mem && !had_cache && !use_cache;
+    attention(l, Q.data(), K.data(), Vv.data(), q, n_keep, use_cache, att.data());
+    if (window_to_memory) memory_[l]->append(K.data(), Vv.data(), q, d);
+
+    matmul_nt(att.data(), q, d, L.wo.data(), d, tmp.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+
+    rmsnorm(x.data(), L.ffn_norm.data(), q, d, c.rms_norm_eps, xn.data());
+    matmul_nt(xn.data(), q, d, L.w_gate.data(), f, gate.data());
+    matmul_nt(xn.data(), q, d, L.w_up.data(), f, up.data());
+    silu_mul(gate.data(), up.data(), int64_t(q) * f, gate.data());
+    matmul_nt(gate.data(), q, f, L.w_down.data(), d, tmp.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+  }
+  local_n_ = use_cache ? n_keep + q : 0;
+  tokens_seen_ += q;
+
+  // Only the logits that are asked for: the official code computes all of them.
+  if (all_logits || last_logit) {
+    const int first = all_logits ? 0 : q - 1;
+    const int rows = q - first;
+    rmsnorm(x.data() + size_t(first) * d, m.final_norm.data(), rows, d, c.rms_norm_eps, xn.data());
+    matmul_nt(xn.data(), rows, d, m.output_weights(), V, logits);
+  }
+}
+
+// One layer's attention for q new tokens. Q, K, V: [q][d] straight from the projections.
+// n_keep cached tokens precede the new ones in the local window.
+void Session::attention(int layer, const float* Q, const float* K, const float* V, int q, int n_keep,
+                        bool use_cache, float* out) {
+  const ModelConfig& c = model_->config;
+  const int H = c.num_attention_heads, D = c.head_dim(), d = c.hidden_size;
+  const bool is_mem = c.is_mem_layer(layer);
+  const bool use_rope = !is_mem || c.mem_positionals;
+  const float scale = 1.0f / std::sqrt(float(D));
+  LocalCache& lc = local_[layer];
+  const KVMemory* mem = is_mem ? &*memory_[layer] : nullptr;
+  const int n = n_keep + q;  // local keys, rotated by rel = position - oldest position
+  rope_.ensure(n);
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int h = 0; h < H; ++h) {
+    std::vector<float>& kr = lc.k_rot[h];
+    std::vector<float>& vv = lc.v[h];
+    kr.resize(size_t(n) * D);
+    vv.resize(size_t(n) * D);
+    if (is_mem && use_cache) lc.k_raw[h].resize(size_t(n) * D);
+    std::vector<float> qh(size_t(q) * D);
+    for (int i = 0; i < q; ++i) {
+      const size_t src = size_t(i) * d + h * D, dst = size_t(n_keep + i) * D;
+      std::memcpy(&qh[size_t(i) * D], Q + src, sizeof(float) * D);
+      std::memcpy(&kr[dst], K + src, sizeof(float) * D);
+      std::memcpy(&vv[dst], V + src, sizeof(float) * D);
+      if (is_mem && use_cache) std::memcpy(&lc.k_raw[h][dst], K + src, sizeof(float) * D);
+      if (use_rope) {
+        rope_.apply(&qh[size_t(i) * D], n_keep + i);
+        rope_.apply(&kr[dst], n_keep + i);
+      }
+    }
+    std::vector<SoftmaxAcc> st(q);
+    std::vector<float> acc(size_t(q) * D, 0.0f);
+    std::vector<int> limit(q);
+    for (int b = 0; b < n; b += kKeyBlock) {  // local keys, causal
+      const int nk = std::min(kKeyBlock, n - b);
+      for (int i = 0; i < q; ++i) limit[i] = n_keep + i + 1 - b;
+      attend_block(qh.data(), q, D, &kr[size_t(b) * D], &vv[size_t(b) * D], nk, D, scale, limit.data(),
+                   st.data(), acc.data());
+    }
+    if (mem && mem->size() > 0) {  // memory keys: no causal mask, one softmax with the local ones
+      std::vector<float> kb(size_t(kKeyBlock) * D), vb(size_t(kKeyBlock) * D);
+      for (int64_t b = 0; b < mem->size(); b += kKeyBlock) {
+        const int nk = int(std::min<int64_t>(kKeyBlock, mem->size() - b));
+        mem->read(h, b, nk, kb.data(), vb.data());
+        attend_block(qh.data(), q, D, kb.data(), vb.data(), nk, D, scale, nullptr, st.data(), acc.data());
+      }
+    }
+    attend_finish(st.data(), acc.data(), q, D, out + h * D, d);
+    if (!use_cache) {
+      kr.clear();
+      vv.clear();
+    }
+  }
+}
+
+}  // namespace ll

@@ -1,0 +1,65 @@
+#pragma once
+// A Session is one stream of text through a model: the local caches of every layer and the
+// memories of the memory layers. forward() reproduces the official
+// LongLlamaForCausalLM.forward(input_ids, past_key_values, use_cache) for batch size 1:
+//  - a call of T tokens sends its first T - last_context_length tokens through windows of
+//    max_position_embeddings (W) tokens, then the rest in one last chunk;
+//  - without a local cache, windows run with no cache at all; memory layers append each window's
+//    keys/values to memory after its attention ("window to memory");
+//  - with a local cache, a chunk that would make it longer than W first flushes the whole cache
+//    (into memory for memory layers, dropped elsewhere);
+//  - local RoPE positions count from the oldest cached token; memory keys are stored un-rotated;
+//    local and memory logits share one softmax, computed blockwise (online softmax).
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <vector>
+
+#include "memory/kv_memory.h"
+#include "model/model.h"
+#include "ops/ops.h"
+
+namespace ll {
+
+enum class LogitsWanted { None, Last, All };
+
+// Called after each chunk: tokens done so far, tokens in this call.
+using ProgressFn = std::function<void(int64_t done, int64_t total)>;
+
+class Session {
+ public:
+  explicit Session(const Model& model);
+
+  // Returns logits, row-major [rows x vocab]: rows = T (All), 1 (Last) or 0 (None).
+  // use_cache = false is the scoring path (official use_cache=False) and needs an empty local
+  // cache; every chunk then goes to memory.
+  std::vector<float> forward(const std::vector<int>& ids, bool use_cache, LogitsWanted which,
+                             const ProgressFn& progress = {});
+
+  int local_length() const { return local_n_; }
+  int64_t memory_length(int layer) const;  // 0 for layers without memory
+  size_t memory_bytes() const;
+  int64_t tokens_seen() const { return tokens_seen_; }
+  const Model& model() const { return *model_; }
+  void reset();
+
+ private:
+  struct LocalCache {
+    // per head: [n][D] rows. k_rot are rotated by their local position (valid until the next
+    // flush, since positions count from the oldest cached token); k_raw (memory layers only)
+    // are kept un-rotated for the flush into memory.
+    std::vector<std::vector<float>> k_rot, k_raw, v;
+  };
+  void run_chunk(const int* ids, int q, bool use_cache, bool all_logits, bool last_logit, float* logits);
+  void attention(int layer, const float* Q, const float* K, const float* V, int q, int n_keep,
+                 bool use_cache, float* out);
+
+  const Model* model_;
+  RopeTable rope_;
+  std::vector<LocalCache> local_;
+  int local_n_ = 0;
+  std::vector<std::optional<KVMemory>> memory_;  // engaged for memory layers
+  int64_t tokens_seen_ = 0;
+};
+
+}  // namespace ll
