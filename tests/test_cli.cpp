@@ -1,0 +1,156 @@
+// The longllama command as a user runs it: exit codes, stdout, error messages.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "model/config.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct CliRun {
+  int code;
+  std::string out;  // stdout + stderr
+};
+
+CliRun run_with(const std::string& args, const char* stderr_redirect) {
+  const std::string cmd = std::string(LONGLLAMA_CLI) + " " + args + " " + stderr_redirect;
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+CliRun run(const std::string& args) { return run_with(args, "2>&1"); }
+CliRun run_stdout_only(const std::string& args) { return run_with(args, "2>/dev/null"); }
+
+const fs::path kRef = LONGLLAMA_REFERENCE_DIR;
+const fs::path kTok = fs::path(LONGLLAMA_TOKENIZER_DIR) / "openllama_v2.model";
+
+fs::path temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("longllama_test_cli_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+// A small random model with the real OpenLLaMA tokenizer, made through the CLI.
+fs::path make_random_model(const fs::path& dir) {
+  ll::ModelConfig c;
+  c.vocab_size = 32000;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.max_position_embeddings = 64;
+  c.last_context_length = 32;
+  c.mem_layers = {1};
+  std::ofstream(dir / "shape.json") << c.to_json();
+  const CliRun r = run("init-random --config " + (dir / "shape.json").string() + " --seed 3 -o " +
+                    (dir / "model").string() + " --tokenizer " + kTok.string());
+  EXPECT_EQ(r.code, 0) << r.out;
+  return dir / "model";
+}
+
+}  // namespace
+
+TEST(Cli, VerifyReferenceEveryCase) {
+  if (!fs::is_directory(kRef / "parity")) GTEST_SKIP() << "no reference data at " << kRef << " (needs ../shared)";
+  for (const auto& e : fs::directory_iterator(kRef / "parity")) {
+    const ll::ModelConfig c = ll::ModelConfig::from_file((e.path() / "config.json").string());
+    // See tolerance_for() in test_model.cpp: bf16 memory rounding amplifies last-ulp differences.
+    const double tol = (c.mem_dtype == ll::MemDType::BF16 && !c.mem_layers.empty()) ? 2e-4 : 1e-4;
+    const CliRun r = run_stdout_only("verify-reference " + e.path().string() + " --json --tolerance " + std::to_string(tol));
+    EXPECT_EQ(r.code, 0) << e.path() << "\n" << r.out;
+    const auto j = nlohmann::json::parse(r.out);
+    EXPECT_TRUE(j["passed"].get<bool>());
+    EXPECT_EQ(j["scenarios"].size(), 4u);
+  }
+}
+
+TEST(Cli, VerifyReferenceFailsOnMismatch) {
+  const fs::path src = kRef / "parity" / "plain_llama";
+  if (!fs::is_directory(src)) GTEST_SKIP() << "no reference data at " << kRef;
+  // Same case, but with a config that changes the model: must exit non-zero.
+  const fs::path dir = temp_dir("mismatch");
+  for (const auto& e : fs::directory_iterator(src)) fs::copy(e.path(), dir / e.path().filename());
+  ll::ModelConfig c = ll::ModelConfig::from_file((src / "config.json").string());
+  c.rope_theta = 500.0f;
+  fs::permissions(dir / "config.json", fs::perms::owner_write, fs::perm_options::add);
+  std::ofstream(dir / "config.json") << c.to_json();
+  const CliRun r = run("verify-reference " + dir.string());
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("MISMATCH"), std::string::npos) << r.out;
+  fs::remove_all(dir);
+}
+
+TEST(Cli, TokenizeMatchesGoldenPrompts) {
+  if (!fs::exists(kTok)) GTEST_SKIP() << "no tokenizer at " << kTok;
+  std::ifstream f(kRef / "tokenizer" / "golden.json");
+  if (!f) GTEST_SKIP() << "no tokenizer goldens";
+  const auto golden = nlohmann::json::parse(f)["tokenizer_ol_v2.model"];
+  const auto& ip = golden["instruct_prompt"];
+  const CliRun r = run_stdout_only("tokenize -m " + kTok.string() + " --template instruct --system '" +
+                                ip["system"].get<std::string>() + "' --text '" + ip["question"].get<std::string>() + "'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out), ip["ids"]);
+  const CliRun plain = run_stdout_only("tokenize -m " + kTok.string() + " --text 'Hello world'");
+  EXPECT_EQ(nlohmann::json::parse(plain.out), golden["encode"][0]["ids"]);
+}
+
+TEST(Cli, InitRandomThenGenerateIsDeterministic) {
+  if (!fs::exists(kTok)) GTEST_SKIP() << "no tokenizer at " << kTok;
+  const fs::path dir = temp_dir("generate");
+  const fs::path model = make_random_model(dir);
+  std::ofstream(dir / "doc.txt") << std::string(3000, 'a') << " The pass key is 12345. Remember it.";
+  const std::string args = "generate -m " + model.string() + " -p 'The pass key is' -n 12 --json --temp 0.8 --seed 7 --doc " +
+                           (dir / "doc.txt").string();
+  const CliRun a = run_stdout_only(args), b = run_stdout_only(args);
+  ASSERT_EQ(a.code, 0) << a.out;
+  const auto ja = nlohmann::json::parse(a.out), jb = nlohmann::json::parse(b.out);
+  EXPECT_EQ(ja["ids"], jb["ids"]);
+  EXPECT_LE(ja["ids"].size(), 12u);
+  EXPECT_GT(ja["memory_tokens"].get<int>(), 0);  // the document went to memory
+  // Streaming mode prints the same text.
+  const CliRun s = run_stdout_only("generate -m " + model.string() + " -p 'The pass key is' -n 12 --temp 0.8 --seed 7 --doc " +
+                                (dir / "doc.txt").string());
+  EXPECT_EQ(s.out, ja["text"].get<std::string>() + "\n");
+  fs::remove_all(dir);
+}
+
+TEST(Cli, ClearErrors) {
+  const CliRun missing = run("generate -m /nonexistent/model -p hi");
+  EXPECT_EQ(missing.code, 2);
+  EXPECT_NE(missing.out.find("/nonexistent/model"), std::string::npos) << missing.out;
+
+  const CliRun both = run("generate -m /tmp -p hi -f /tmp/x");
+  EXPECT_EQ(both.code, 2);
+  EXPECT_NE(both.out.find("-p"), std::string::npos) << both.out;
+
+  const CliRun badcase = run("verify-reference /nonexistent/case");
+  EXPECT_NE(badcase.code, 0);
+  EXPECT_NE(badcase.out.find("/nonexistent/case"), std::string::npos) << badcase.out;
+
+  if (fs::exists(kTok)) {
+    const fs::path dir = temp_dir("errors");
+    const fs::path model = make_random_model(dir);
+    const CliRun tmpl = run("generate -m " + model.string() + " -p hi --template fancy");
+    EXPECT_EQ(tmpl.code, 2);
+    EXPECT_NE(tmpl.out.find("fancy"), std::string::npos) << tmpl.out;
+    const CliRun temp = run("generate -m " + model.string() + " -p hi --temp -1");
+    EXPECT_EQ(temp.code, 2);
+    EXPECT_NE(temp.out.find("temperature"), std::string::npos) << temp.out;
+    const CliRun nodoc = run("generate -m " + model.string() + " -p hi --doc /nonexistent/doc.txt");
+    EXPECT_EQ(nodoc.code, 2);
+    EXPECT_NE(nodoc.out.find("/nonexistent/doc.txt"), std::string::npos) << nodoc.out;
+    fs::remove_all(dir);
+  }
+}

@@ -1,0 +1,250 @@
+// The whole model against the official implementation (../shared/reference/parity), plus the
+// model loader's checks and the session's contract.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "io/tensor_store.h"
+#include "model/reference_check.h"
+#include "model/session.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+using namespace ll;
+
+namespace {
+
+std::vector<fs::path> parity_cases() {
+  std::vector<fs::path> r;
+  const fs::path dir = fs::path(LONGLLAMA_REFERENCE_DIR) / "parity";
+  if (!fs::is_directory(dir)) return r;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (fs::exists(e.path() / "golden.safetensors")) r.push_back(e.path());
+  std::sort(r.begin(), r.end());
+  return r;
+}
+
+// Logit tolerance per case. With bf16 memory, a last-ulp difference in a float32 key or value
+// (summation order differs between any two BLAS libraries) can round to a different bf16 value;
+// such a flip in the first memory layer perturbs every later layer's memory and cascades. On
+// these cases, implementations that differ only in summation order land 1e-4..4e-4 apart (measured:
+// naive sequential-FMA, 8-way-FMA and OpenBLAS sgemm), so 1e-4 is a coin toss there; 2e-4 still
+// catches any semantic error (those are >= 1e-2, see the mem_dtype test below).
+double tolerance_for(const fs::path& case_dir) {
+  const ModelConfig c = ModelConfig::from_file((case_dir / "config.json").string());
+  const bool bf16_memory = c.mem_dtype == MemDType::BF16 && !c.mem_layers.empty();
+  return bf16_memory ? 2e-4 : 1e-4;
+}
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.vocab_size = 97;
+  c.hidden_size = 32;
+  c.intermediate_size = 50;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 4;
+  c.max_position_embeddings = 24;
+  c.last_context_length = 10;
+  c.mem_layers = {1};
+  return c;
+}
+
+fs::path temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("longllama_test_model_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+}  // namespace
+
+TEST(Parity, EveryReferenceCase) {
+  const auto cases = parity_cases();
+  if (cases.empty()) GTEST_SKIP() << "no reference data at " << LONGLLAMA_REFERENCE_DIR << "/parity (needs ../shared)";
+  for (const auto& dir : cases) {
+    SCOPED_TRACE(dir.string());
+    const ReferenceReport r = verify_reference(dir.string(), tolerance_for(dir));
+    ASSERT_EQ(r.scenarios.size(), 4u);
+    for (const auto& s : r.scenarios) {
+      EXPECT_TRUE(s.passed) << s.name << ": max error " << s.max_abs_error << (s.problems.empty() ? "" : ", " + s.problems[0]);
+      EXPECT_LE(s.max_abs_error, tolerance_for(dir)) << s.name;
+    }
+  }
+}
+
+// The bf16 rounding of memory is part of the official semantics: storing memory in float32
+// instead must be far outside the tolerance, so the parity test really checks the rounding.
+TEST(Parity, MemoryRoundingMatters) {
+  const fs::path dir = fs::path(LONGLLAMA_REFERENCE_DIR) / "parity" / "small_mem";
+  if (!fs::exists(dir / "golden.safetensors")) GTEST_SKIP() << "no reference case " << dir;
+  Model m = Model::load(dir.string());
+  ASSERT_EQ(m.config.mem_dtype, MemDType::BF16);
+  m.config.mem_dtype = MemDType::F32;
+  TensorStore g = read_safetensors((dir / "golden.safetensors").string());
+  const TensorRef& p = g.get("prompt_ids");
+  std::vector<int> ids(p.numel());
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = int(static_cast<const int64_t*>(p.data)[i]);
+  Session s(m);
+  const std::vector<float> logits = s.forward(ids, true, LogitsWanted::All);
+  const std::vector<float> ref = to_f32(g.get("prompt_logits"));
+  double err = 0;
+  for (size_t i = 0; i < ref.size(); ++i) err = std::max(err, double(std::fabs(logits[i] - ref[i])));
+  EXPECT_GT(err, 1e-3);
+}
+
+TEST(Session, RejectsTokenIdsOutsideVocab) {
+  const Model m = Model::random(tiny_config(), 1);
+  Session s(m);
+  try {
+    s.forward({1, 2, 97}, true, LogitsWanted::Last);
+    FAIL() << "expected ll::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("97"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("position 2"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(s.forward({-1}, true, LogitsWanted::Last), Error);
+  EXPECT_EQ(s.local_length(), 0);  // nothing was half-done
+}
+
+TEST(Session, ScoringWithoutCacheNeedsEmptyLocalCache) {
+  const Model m = Model::random(tiny_config(), 1);
+  Session s(m);
+  s.forward({1, 2, 3}, true, LogitsWanted::None);
+  EXPECT_THROW(s.forward({4}, false, LogitsWanted::Last), Error);
+}
+
+TEST(Session, LastLogitsEqualLastRowOfAll) {
+  const Model m = Model::random(tiny_config(), 2);
+  std::mt19937 rng(3);
+  std::vector<int> ids(100);
+  for (int& t : ids) t = int(rng() % 97);
+  Session a(m), b(m);
+  const auto all = a.forward(ids, true, LogitsWanted::All);
+  const auto last = b.forward(ids, true, LogitsWanted::Last);
+  ASSERT_EQ(last.size(), 97u);
+  // One row goes through sgemv, many through sgemm: equal up to summation order.
+  for (int j = 0; j < 97; ++j) EXPECT_NEAR(last[j], all[all.size() - 97 + j], 1e-5);
+  EXPECT_EQ(a.memory_length(1), b.memory_length(1));
+}
+
+// Cache bookkeeping of the official chunking rule, for a long input: prefix windows of W go to
+// memory, the last last_context_length tokens stay local; decoding flushes the whole local cache
+// into memory when it would exceed W.
+TEST(Session, ChunkingAndFlushBookkeeping) {
+  const ModelConfig c = tiny_config();  // W = 24, lcl = 10, memory layer 1
+  const Model m = Model::random(c, 4);
+  Session s(m);
+  std::vector<int> ids(1000, 5);
+  s.forward(ids, true, LogitsWanted::None);
+  EXPECT_EQ(s.local_length(), 10);
+  EXPECT_EQ(s.memory_length(1), 990);
+  EXPECT_EQ(s.memory_length(0), 0);
+  for (int i = 0; i < 14; ++i) s.forward({7}, true, LogitsWanted::Last);
+  EXPECT_EQ(s.local_length(), 24);  // full, not yet flushed
+  EXPECT_EQ(s.memory_length(1), 990);
+  s.forward({7}, true, LogitsWanted::Last);  // 24 + 1 > 24: everything cached moves to memory
+  EXPECT_EQ(s.local_length(), 1);
+  EXPECT_EQ(s.memory_length(1), 1014);
+  // A copy is independent: memory chunks are shared copy-on-write.
+  Session t = s;
+  t.forward(std::vector<int>(50, 3), true, LogitsWanted::None);
+  EXPECT_EQ(s.memory_length(1), 1014);
+  EXPECT_GT(t.memory_length(1), 1014);
+}
+
+// A copied session continues exactly like the original.
+TEST(Session, CopyContinuesIdentically) {
+  const Model m = Model::random(tiny_config(), 5);
+  Session s(m);
+  s.forward(std::vector<int>(300, 9), true, LogitsWanted::None);
+  Session t = s;
+  for (int i = 0; i < 30; ++i) {
+    const auto a = s.forward({i % 97}, true, LogitsWanted::Last);
+    const auto b = t.forward({i % 97}, true, LogitsWanted::Last);
+    ASSERT_EQ(a, b) << "step " << i;
+  }
+}
+
+TEST(ModelLoad, SaveLoadRoundTrip) {
+  const fs::path dir = temp_dir("roundtrip");
+  const Model m = Model::random(tiny_config(), 6);
+  m.save(dir.string(), /*bf16=*/false);
+  const Model r = Model::load(dir.string());
+  EXPECT_EQ(r.config.to_json(), m.config.to_json());
+  EXPECT_EQ(r.embed, m.embed);
+  EXPECT_EQ(r.layers[2].w_down, m.layers[2].w_down);
+  Session a(m), b(r);
+  EXPECT_EQ(a.forward({1, 2, 3}, true, LogitsWanted::All), b.forward({1, 2, 3}, true, LogitsWanted::All));
+  fs::remove_all(dir);
+}
+
+TEST(ModelLoad, ShapeMismatchNamesTensorAndFile) {
+  const fs::path dir = temp_dir("shape");
+  Model::random(tiny_config(), 7).save(dir.string(), true);
+  ModelConfig wrong = tiny_config();
+  wrong.intermediate_size = 51;
+  write_file_atomic((dir / "config.json").string(), wrong.to_json());
+  try {
+    Model::load(dir.string());
+    FAIL() << "expected ll::Error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("mlp.gate_proj.weight"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("51"), std::string::npos) << msg;
+  }
+  fs::remove_all(dir);
+}
+
+TEST(ModelLoad, MissingAndUnexpectedTensors) {
+  const fs::path dir = temp_dir("names");
+  Model::random(tiny_config(), 8).save(dir.string(), true);
+  ModelConfig fewer = tiny_config();
+  fewer.num_hidden_layers = 2;  // layer 2's tensors are now unexpected
+  fewer.mem_layers = {1};
+  write_file_atomic((dir / "config.json").string(), fewer.to_json());
+  try {
+    Model::load(dir.string());
+    FAIL() << "expected ll::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.2."), std::string::npos) << e.what();
+  }
+  ModelConfig more = tiny_config();
+  more.num_hidden_layers = 4;
+  write_file_atomic((dir / "config.json").string(), more.to_json());
+  try {
+    Model::load(dir.string());
+    FAIL() << "expected ll::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.3."), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("missing"), std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
+}
+
+TEST(Config, DefaultsAndErrors) {
+  const ModelConfig c = ModelConfig::from_json_text(R"({"hidden_size": 64, "num_attention_heads": 4})", "x.json");
+  EXPECT_EQ(c.last_context_length, 1024);
+  EXPECT_EQ(c.max_position_embeddings, 2048);
+  EXPECT_FLOAT_EQ(c.rope_theta, 10000.0f);
+  EXPECT_FLOAT_EQ(c.rms_norm_eps, 1e-6f);
+  EXPECT_EQ(c.mem_dtype, MemDType::BF16);
+  EXPECT_TRUE(c.mem_layers.empty());
+  auto expect_error = [](const std::string& text, const std::string& needle) {
+    try {
+      ModelConfig::from_json_text(text, "cfg.json");
+      ADD_FAILURE() << "expected ll::Error for " << text;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("cfg.json"), std::string::npos) << e.what();
+    }
+  };
+  expect_error("{not json", "JSON");
+  expect_error(R"({"mem_layers": [40]})", "mem_layers");
+  expect_error(R"({"mem_dtype": "int4"})", "mem_dtype");
+  expect_error(R"({"hidden_size": 100, "num_attention_heads": 3})", "divisible");
+  expect_error(R"({"rope_scaling": {"type": "linear"}})", "rope_scaling");
+  expect_error(R"({"hidden_size": "big"})", "hidden_size");
+}
