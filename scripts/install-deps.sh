@@ -7,6 +7,6 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   g++ cmake ninja-build ccache pkg-config \
-  libopenblas-dev libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev \
+  libopenblas-openmp-dev libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev \
   libgtest-dev libbenchmark-dev libhwy-dev >/dev/null
 echo "install-deps: done"

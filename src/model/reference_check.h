@@ -8,6 +8,7 @@
 namespace ll {
 
 struct ScenarioResult {
+  explicit ScenarioResult(std::string n = "") : name(std::move(n)) {}
   std::string name;
   double max_abs_error = 0.0;
   bool passed = true;
