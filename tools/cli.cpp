@@ -1,0 +1,60 @@
+#include "cli.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+
+namespace cli {
+
+std::string read_text_file(const std::string& path, const std::string& what) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw ll::Error(what + " '" + path + "': cannot open");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+ProgressLine::ProgressLine(std::string label) : label_(std::move(label)), t0_(clock::now()) {}
+
+void ProgressLine::operator()(int64_t done, int64_t total) {
+  const double s = std::chrono::duration<double>(clock::now() - t0_).count();
+  if (done < total && s - last_ < 0.25) return;
+  last_ = s;
+  const double rate = s > 0 ? double(done) / s : 0.0;
+  const double eta = rate > 0 ? double(total - done) / rate : 0.0;
+  std::fprintf(stderr, "\r%s: %lld/%lld tokens (%.1f%%), %.0f tok/s, ETA %.0f s   ", label_.c_str(), (long long)done,
+               (long long)total, total > 0 ? 100.0 * double(done) / double(total) : 100.0, rate, eta);
+  if (done >= total) std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+}
+
+ll::Tokenizer open_tokenizer(const std::string& model_dir_or_file, const std::string& override_path) {
+  if (!override_path.empty()) return ll::Tokenizer(override_path);
+  fs::path p(model_dir_or_file);
+  if (fs::is_directory(p)) p /= "tokenizer.model";
+  if (!fs::exists(p)) throw ll::Error(p.string() + ": no tokenizer.model in the model directory (pass --tokenizer PATH)");
+  return ll::Tokenizer(p.string());
+}
+
+ll::Model load_model(const std::string& path, int last_context_length) {
+  ll::Model m = ll::Model::load(path);
+  if (last_context_length >= 0) m.config.last_context_length = last_context_length;
+  return m;
+}
+
+void add_sampling_flags(CLI::App* app, ll::SamplingParams& p) {
+  app->add_option("--temp", p.temperature, "Sampling temperature (0 = greedy)")->capture_default_str();
+  app->add_option("--top-k", p.top_k, "Keep the k most likely tokens (0 = off)")->capture_default_str();
+  app->add_option("--top-p", p.top_p, "Nucleus sampling threshold (1 = off)")->capture_default_str();
+  app->add_option("--min-p", p.min_p, "Drop tokens below min-p times the top probability")->capture_default_str();
+  app->add_option("--repeat-penalty", p.repeat_penalty, "Penalty for recent tokens (1 = off)")->capture_default_str();
+  app->add_option("--repeat-last-n", p.repeat_last_n, "How many recent tokens are penalised")->capture_default_str();
+  app->add_option("--seed", p.seed, "Random seed")->capture_default_str();
+}
+
+}  // namespace cli

@@ -1,0 +1,51 @@
+#pragma once
+// Shared pieces of the longllama CLI. Each subcommand lives in its own tools/cmd_*.cpp and
+// registers itself through one add_*_command function: it adds its options to the app and
+// returns the function that runs it once the command line is parsed.
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "generate/sampler.h"
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+
+namespace cli {
+
+using Runner = std::function<int()>;
+struct Command {
+  CLI::App* app;
+  Runner run;
+};
+using Commands = std::vector<Command>;
+
+void add_generate_commands(CLI::App& app, Commands& out);  // generate, chat
+void add_model_commands(CLI::App& app, Commands& out);     // tokenize, verify-reference, init-random
+
+std::string read_text_file(const std::string& path, const std::string& what);
+
+// Progress on stderr: tokens done, tokens/s, ETA. Redraws one line, at most ~4 times a second.
+class ProgressLine {
+ public:
+  explicit ProgressLine(std::string label);
+  void operator()(int64_t done, int64_t total);
+
+ private:
+  using clock = std::chrono::steady_clock;
+  std::string label_;
+  clock::time_point t0_;
+  double last_ = -1.0;
+};
+
+// The tokenizer of a model directory (its tokenizer.model), a tokenizer file itself, or override.
+ll::Tokenizer open_tokenizer(const std::string& model_dir_or_file, const std::string& override_path);
+
+// Loads a model; last_context_length >= 0 overrides the config (as the official
+// forward(..., last_context_length=N) does).
+ll::Model load_model(const std::string& path, int last_context_length = -1);
+
+void add_sampling_flags(CLI::App* app, ll::SamplingParams& p);
+
+}  // namespace cli

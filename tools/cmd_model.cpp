@@ -1,0 +1,100 @@
+// tokenize, verify-reference, init-random: model and tokenizer utilities.
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "cli.h"
+#include "io/tensor_store.h"
+#include "model/reference_check.h"
+#include "tokenizer/prompt.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+
+namespace cli {
+
+namespace {
+
+struct ModelArgs {
+  std::string model, text, tmpl, system = ll::kDefaultSystemPrompt, case_dir, config, out, tokenizer;
+  double tolerance = 1e-4;
+  uint64_t seed = 0;
+  bool json = false, f32 = false;
+};
+
+int run_tokenize(const ModelArgs& a) {
+  const ll::Tokenizer tok = open_tokenizer(a.model, "");
+  std::vector<int> ids;
+  if (a.tmpl.empty()) {
+    ids = tok.encode(a.text);
+  } else {
+    switch (ll::parse_template(a.tmpl)) {
+      case ll::PromptTemplate::Plain: ids = ll::build_plain(tok, a.text); break;
+      case ll::PromptTemplate::Instruct: ids = ll::build_instruct(tok, a.system, a.text); break;
+      case ll::PromptTemplate::Chat: ids = ll::build_chat(tok, ll::kChatIntro, {{"user", a.text}}); break;
+    }
+  }
+  std::cout << nlohmann::json(ids).dump() << std::endl;
+  return 0;
+}
+
+int run_verify(const ModelArgs& a) {
+  const ll::ReferenceReport r = ll::verify_reference(a.case_dir, a.tolerance);
+  if (a.json) {
+    std::cout << r.to_json() << std::endl;
+  } else {
+    std::printf("%s (tolerance %g)\n", a.case_dir.c_str(), a.tolerance);
+    for (const auto& s : r.scenarios) {
+      std::printf("  %-12s max |error| %.3g  %s\n", s.name.c_str(), s.max_abs_error, s.passed ? "ok" : "MISMATCH");
+      for (const auto& p : s.problems) std::printf("    %s\n", p.c_str());
+    }
+    std::printf("%s\n", r.passed() ? "PASS" : "FAIL");
+  }
+  return r.passed() ? 0 : 1;
+}
+
+int run_init_random(const ModelArgs& a) {
+  const ll::ModelConfig c = ll::ModelConfig::from_file(a.config);
+  std::unique_ptr<ll::Tokenizer> tok;
+  if (!a.tokenizer.empty()) {
+    tok = std::make_unique<ll::Tokenizer>(a.tokenizer);
+    if (tok->vocab_size() > c.vocab_size)
+      throw ll::Error(a.tokenizer + ": tokenizer has " + std::to_string(tok->vocab_size()) +
+                      " tokens, more than vocab_size in " + a.config);
+  }
+  const ll::Model m = ll::Model::random(c, a.seed);
+  m.save(a.out, !a.f32);
+  if (tok) ll::write_file_atomic((fs::path(a.out) / "tokenizer.model").string(), tok->serialized());
+  std::fprintf(stderr, "wrote %s: %zu parameters\n", a.out.c_str(), m.parameter_count());
+  return 0;
+}
+
+}  // namespace
+
+void add_model_commands(CLI::App& app, Commands& out) {
+  auto a = std::make_shared<ModelArgs>();
+  auto* tok = app.add_subcommand("tokenize", "Print token ids as JSON");
+  tok->add_option("-m,--model", a->model, "Model directory or tokenizer.model")->required();
+  tok->add_option("--text", a->text, "Text to tokenize")->required();
+  tok->add_option("--template", a->tmpl, "Build a prompt: plain, instruct or chat (default: the raw text, no BOS)");
+  tok->add_option("--system", a->system, "System prompt of the instruct template");
+  out.push_back({tok, [a] { return run_tokenize(*a); }});
+
+  auto* ver = app.add_subcommand("verify-reference", "Compare with the official implementation's outputs");
+  ver->add_option("case_dir", a->case_dir, "A directory in the layout of shared/reference/parity/<case>")->required();
+  ver->add_option("--tolerance", a->tolerance, "Largest allowed absolute logit error")->capture_default_str();
+  ver->add_flag("--json", a->json, "Print the report as JSON");
+  out.push_back({ver, [a] { return run_verify(*a); }});
+
+  auto* init = app.add_subcommand("init-random", "Write a random model in Hugging Face layout");
+  init->add_option("--config", a->config, "config.json with the model shape")->required();
+  init->add_option("--seed", a->seed, "Random seed")->capture_default_str();
+  init->add_option("-o,--out", a->out, "Output directory")->required();
+  init->add_option("--tokenizer", a->tokenizer, "tokenizer.model to copy into the directory");
+  init->add_flag("--f32", a->f32, "Store float32 weights (default bf16, like the released checkpoints)");
+  out.push_back({init, [a] { return run_init_random(*a); }});
+}
+
+}  // namespace cli
