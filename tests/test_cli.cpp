@@ -67,7 +67,7 @@ TEST(Cli, VerifyReferenceEveryCase) {
   for (const auto& e : fs::directory_iterator(kRef / "parity")) {
     const ll::ModelConfig c = ll::ModelConfig::from_file((e.path() / "config.json").string());
     // See tolerance_for() in test_model.cpp: bf16 memory rounding amplifies last-ulp differences.
-    const double tol = (c.mem_dtype == ll::MemDType::BF16 && !c.mem_layers.empty()) ? 2e-4 : 1e-4;
+    const double tol = (c.mem_dtype == ll::MemDType::BF16 && !c.mem_layers.empty()) ? 5e-4 : 1e-4;
     const CliRun r = run_stdout_only("verify-reference " + e.path().string() + " --json --tolerance " + std::to_string(tol));
     EXPECT_EQ(r.code, 0) << e.path() << "\n" << r.out;
     const auto j = nlohmann::json::parse(r.out);

@@ -30,12 +30,12 @@ std::vector<fs::path> parity_cases() {
 // (summation order differs between any two BLAS libraries) can round to a different bf16 value;
 // such a flip in the first memory layer perturbs every later layer's memory and cascades. On
 // these cases, implementations that differ only in summation order land 1e-4..4e-4 apart (measured:
-// naive sequential-FMA, 8-way-FMA and OpenBLAS sgemm), so 1e-4 is a coin toss there; 2e-4 still
+// naive sequential-FMA, 8-way-FMA, OpenBLAS sgemm, sgemm attention), so 1e-4 is a coin toss there; 5e-4 still
 // catches any semantic error (those are >= 1e-2, see the mem_dtype test below).
 double tolerance_for(const fs::path& case_dir) {
   const ModelConfig c = ModelConfig::from_file((case_dir / "config.json").string());
   const bool bf16_memory = c.mem_dtype == MemDType::BF16 && !c.mem_layers.empty();
-  return bf16_memory ? 2e-4 : 1e-4;
+  return bf16_memory ? 5e-4 : 1e-4;
 }
 
 ModelConfig tiny_config() {

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "ops/quant.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
@@ -33,18 +34,31 @@ void ProgressLine::operator()(int64_t done, int64_t total) {
   std::fflush(stderr);
 }
 
-ll::Tokenizer open_tokenizer(const std::string& model_dir_or_file, const std::string& override_path) {
+ll::Tokenizer open_tokenizer(const ll::Weights& w, const std::string& override_path) {
   if (!override_path.empty()) return ll::Tokenizer(override_path);
-  fs::path p(model_dir_or_file);
-  if (fs::is_directory(p)) p /= "tokenizer.model";
-  if (!fs::exists(p)) throw ll::Error(p.string() + ": no tokenizer.model in the model directory (pass --tokenizer PATH)");
-  return ll::Tokenizer(p.string());
+  if (!w.tokenizer_proto.empty()) return ll::Tokenizer::from_bytes(w.tokenizer_proto, w.source);
+  if (!w.tokenizer_path.empty()) return ll::Tokenizer(w.tokenizer_path);
+  throw ll::Error(w.source + ": the model has no tokenizer.model (pass --tokenizer PATH)");
 }
 
-ll::Model load_model(const std::string& path, int last_context_length) {
-  ll::Model m = ll::Model::load(path);
-  if (last_context_length >= 0) m.config.last_context_length = last_context_length;
-  return m;
+ll::Tokenizer open_tokenizer(const std::string& path) {
+  if (fs::is_directory(path) || (path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0))
+    return open_tokenizer(ll::Weights::load(path, std::nullopt, /*use_mmap=*/true), "");
+  return ll::Tokenizer(path);
+}
+
+void LoadFlags::add(CLI::App* app) {
+  app->add_option("--type", type, "Convert weights at load: f32, f16, bf16, q8_0, q4_0");
+  app->add_flag("--mmap", mmap, "Read a .gguf model from the page cache instead of copying it into RAM");
+  app->add_option("--last-context-length", last_context_length, "Override last_context_length");
+}
+
+ll::Weights load_model(const std::string& path, const LoadFlags& flags) {
+  std::optional<ll::DType> type;
+  if (!flags.type.empty()) type = ll::parse_weight_type(flags.type);
+  ll::Weights w = ll::Weights::load(path, type, flags.mmap);
+  if (flags.last_context_length >= 0) w.config.last_context_length = flags.last_context_length;
+  return w;
 }
 
 void add_sampling_flags(CLI::App* app, ll::SamplingParams& p) {

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "generate/sampler.h"
-#include "model/model.h"
+#include "model/weights.h"
 #include "tokenizer/tokenizer.h"
 
 namespace cli {
@@ -39,12 +39,20 @@ class ProgressLine {
   double last_ = -1.0;
 };
 
-// The tokenizer of a model directory (its tokenizer.model), a tokenizer file itself, or override.
-ll::Tokenizer open_tokenizer(const std::string& model_dir_or_file, const std::string& override_path);
+// The tokenizer of a loaded model (its tokenizer.model, or the one embedded in its .gguf), or
+// override_path when given.
+ll::Tokenizer open_tokenizer(const ll::Weights& w, const std::string& override_path);
+// A tokenizer.model file, or the tokenizer of a model directory or .gguf.
+ll::Tokenizer open_tokenizer(const std::string& path);
 
-// Loads a model; last_context_length >= 0 overrides the config (as the official
-// forward(..., last_context_length=N) does).
-ll::Model load_model(const std::string& path, int last_context_length = -1);
+// How a model is loaded: --type converts its matrices, --mmap reads a .gguf from the page cache.
+struct LoadFlags {
+  std::string type;  // "" = as stored (float32 for a model directory)
+  bool mmap = false;
+  int last_context_length = -1;  // >= 0 overrides the config, as forward(..., last_context_length=N)
+  void add(CLI::App* app);
+};
+ll::Weights load_model(const std::string& path, const LoadFlags& flags);
 
 void add_sampling_flags(CLI::App* app, ll::SamplingParams& p);
 

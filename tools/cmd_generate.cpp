@@ -17,8 +17,9 @@ namespace {
 struct GenerateArgs {
   std::string model, prompt, prompt_file, doc, tmpl = "plain", system = ll::kDefaultSystemPrompt, tokenizer;
   std::vector<std::string> stop;
-  int n = 128, last_context_length = -1;
+  int n = 128;
   bool json = false;
+  LoadFlags load;
   ll::SamplingParams sampling;
 };
 
@@ -31,7 +32,7 @@ void ingest_document(ll::Session& s, const ll::Tokenizer& tok, const std::string
   s.forward(ids, true, ll::LogitsWanted::None, std::ref(progress));
 }
 
-void check_vocab(const ll::Tokenizer& tok, const ll::Model& m) {
+void check_vocab(const ll::Tokenizer& tok, const ll::Weights& m) {
   if (tok.vocab_size() > m.config.vocab_size)
     throw ll::Error(tok.name() + ": tokenizer has " + std::to_string(tok.vocab_size()) +
                     " tokens, more than the model's vocab_size " + std::to_string(m.config.vocab_size));
@@ -47,8 +48,8 @@ int run_generate(const GenerateArgs& a) {
   const std::string text = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file, "-f");
   const ll::PromptTemplate tmpl = ll::parse_template(a.tmpl);
   ll::validate(a.sampling);
-  const ll::Model model = load_model(a.model, a.last_context_length);
-  const ll::Tokenizer tok = open_tokenizer(a.model, a.tokenizer);
+  const ll::Weights model = load_model(a.model, a.load);
+  const ll::Tokenizer tok = open_tokenizer(model, a.tokenizer);
   check_vocab(tok, model);
   ll::Session session(model);
   if (!a.doc.empty()) ingest_document(session, tok, a.doc);
@@ -91,8 +92,8 @@ int run_generate(const GenerateArgs& a) {
 
 int run_chat(const GenerateArgs& a) {
   ll::validate(a.sampling);
-  const ll::Model model = load_model(a.model, a.last_context_length);
-  const ll::Tokenizer tok = open_tokenizer(a.model, a.tokenizer);
+  const ll::Weights model = load_model(a.model, a.load);
+  const ll::Tokenizer tok = open_tokenizer(model, a.tokenizer);
   check_vocab(tok, model);
   ll::Session session(model);
   if (!a.doc.empty()) ingest_document(session, tok, a.doc);
@@ -125,7 +126,7 @@ int run_chat(const GenerateArgs& a) {
 void add_generate_commands(CLI::App& app, Commands& out) {
   auto a = std::make_shared<GenerateArgs>();
   auto* gen = app.add_subcommand("generate", "Generate text from a prompt");
-  gen->add_option("-m,--model", a->model, "Model directory")->required();
+  gen->add_option("-m,--model", a->model, "Model directory or .gguf file")->required();
   gen->add_option("-p,--prompt", a->prompt, "Prompt text");
   gen->add_option("-f,--file", a->prompt_file, "Read the prompt from a file");
   gen->add_option("--doc", a->doc, "Long document loaded into memory before the prompt");
@@ -134,17 +135,17 @@ void add_generate_commands(CLI::App& app, Commands& out) {
   gen->add_option("--system", a->system, "System prompt of the instruct template");
   gen->add_option("--tokenizer", a->tokenizer, "tokenizer.model to use instead of the model's");
   gen->add_option("--stop", a->stop, "Stop before this string (repeatable)");
-  gen->add_option("--last-context-length", a->last_context_length, "Override last_context_length");
+  a->load.add(gen);
   gen->add_flag("--json", a->json, "Print one JSON object instead of streaming text");
   add_sampling_flags(gen, a->sampling);
   out.push_back({gen, [a] { return run_generate(*a); }});
 
   auto* chat = app.add_subcommand("chat", "Interactive chat; memory persists across turns");
-  chat->add_option("-m,--model", a->model, "Model directory")->required();
+  chat->add_option("-m,--model", a->model, "Model directory or .gguf file")->required();
   chat->add_option("--doc", a->doc, "Long document loaded into memory first");
   chat->add_option("-n,--n-predict", a->n, "Maximum tokens per answer")->capture_default_str();
   chat->add_option("--tokenizer", a->tokenizer, "tokenizer.model to use instead of the model's");
-  chat->add_option("--last-context-length", a->last_context_length, "Override last_context_length");
+  a->load.add(chat);
   add_sampling_flags(chat, a->sampling);
   out.push_back({chat, [a] { return run_chat(*a); }});
 }

@@ -25,7 +25,7 @@ struct ModelArgs {
 };
 
 int run_tokenize(const ModelArgs& a) {
-  const ll::Tokenizer tok = open_tokenizer(a.model, "");
+  const ll::Tokenizer tok = open_tokenizer(a.model);
   std::vector<int> ids;
   if (a.tmpl.empty()) {
     ids = tok.encode(a.text);

@@ -42,7 +42,7 @@ GenerateResult generate(Session& session, const Tokenizer& tok, const std::vecto
   validate(opt.sampling);
   GenerateResult r;
   r.prompt_tokens = int64_t(prompt.size());
-  const int V = session.model().config.vocab_size;
+  const int V = session.config().vocab_size;
   auto t0 = clock::now();
   std::vector<float> logits = session.forward(prompt, true, LogitsWanted::Last, progress);
   r.prompt_seconds = std::chrono::duration<double>(clock::now() - t0).count();

@@ -22,8 +22,28 @@ size_t dtype_size(DType t) {
     case DType::F32: case DType::I32: return 4;
     case DType::F16: case DType::BF16: case DType::I16: return 2;
     case DType::I8: case DType::U8: case DType::BOOL: return 1;
+    case DType::Q8_0: return 34;  // f16 scale + 32 x int8
+    case DType::Q4_0: return 18;  // f16 scale + 32 x 4 bits
   }
   return 0;
+}
+
+int64_t dtype_block_elems(DType t) { return dtype_is_quantized(t) ? 32 : 1; }
+
+bool dtype_is_quantized(DType t) { return t == DType::Q8_0 || t == DType::Q4_0; }
+
+size_t tensor_nbytes(DType t, const std::vector<int64_t>& shape) {
+  uint64_t n = 1;
+  for (int64_t s : shape) {
+    if (s < 0 || __builtin_mul_overflow(n, uint64_t(s), &n)) throw Error("tensor shape is negative or overflows");
+  }
+  const int64_t block = dtype_block_elems(t);
+  if (block > 1 && (shape.empty() || shape.back() % block != 0))
+    throw Error(std::string("a ") + dtype_name(t) + " tensor needs its last dimension to be a multiple of " +
+                std::to_string(block));
+  uint64_t bytes;
+  if (__builtin_mul_overflow(n / uint64_t(block), uint64_t(dtype_size(t)), &bytes)) throw Error("tensor size overflows");
+  return size_t(bytes);
 }
 
 const char* dtype_name(DType t) {
@@ -38,6 +58,8 @@ const char* dtype_name(DType t) {
     case DType::I8: return "I8";
     case DType::U8: return "U8";
     case DType::BOOL: return "BOOL";
+    case DType::Q8_0: return "Q8_0";
+    case DType::Q4_0: return "Q4_0";
   }
   return "?";
 }

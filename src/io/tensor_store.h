@@ -13,10 +13,17 @@
 
 namespace ll {
 
-enum class DType : uint8_t { F32, F16, BF16, F64, I64, I32, I16, I8, U8, BOOL };
+enum class DType : uint8_t { F32, F16, BF16, F64, I64, I32, I16, I8, U8, BOOL, Q8_0, Q4_0 };
 
+// Bytes per element of a plain type; for the block-quantized types (Q8_0, Q4_0: blocks of 32
+// elements along the last dimension, GGML layouts) the bytes of one block.
 size_t dtype_size(DType t);
-const char* dtype_name(DType t);  // safetensors spelling: "F32", "BF16", ...
+int64_t dtype_block_elems(DType t);  // 1, or 32 for Q8_0 / Q4_0
+bool dtype_is_quantized(DType t);
+// Bytes of a row-major tensor; throws ll::Error when the last dimension is not a whole number of
+// blocks or the size overflows.
+size_t tensor_nbytes(DType t, const std::vector<int64_t>& shape);
+const char* dtype_name(DType t);  // safetensors spelling: "F32", "BF16", ... ("Q8_0", "Q4_0")
 
 // A read-only memory mapping of a whole file (or an owned buffer, for tests and writers).
 class MappedFile {

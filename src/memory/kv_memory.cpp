@@ -69,6 +69,15 @@ void KVMemory::append(const float* k, const float* v, int n, int ld) {
   }
 }
 
+KVBlock KVMemory::block(int h, int64_t start, int max_n) const {
+  const Chunk& c = *chunks_[start / kChunkTokens];
+  const int slot = int(start % kChunkTokens);
+  const int n = int(std::min<int64_t>({int64_t(max_n), int64_t(kChunkTokens - slot), size_ - start}));
+  const size_t off = size_t(h) * kChunkTokens * head_dim_ * elem_ + size_t(slot) * head_dim_ * elem_;
+  const DType t = dtype_ == MemDType::F32 ? DType::F32 : dtype_ == MemDType::BF16 ? DType::BF16 : DType::F16;
+  return {t, c.k.data() + off, c.v.data() + off, n};
+}
+
 void KVMemory::read(int h, int64_t start, int count, float* kout, float* vout) const {
   const size_t head_bytes = size_t(kChunkTokens) * head_dim_ * elem_;
   while (count > 0) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "ops/attention.h"
 
 namespace ll {
 
@@ -27,6 +28,9 @@ class KVMemory {
   void append(const float* k, const float* v, int n, int ld);
   // Copies keys and values [start, start+count) of head h to float32 ([count][head_dim] each).
   void read(int h, int64_t start, int count, float* kout, float* vout) const;
+  // Zero-copy view of head h's keys/values from `start`: at most max_n tokens, never crossing a
+  // chunk (storage is contiguous within one).
+  KVBlock block(int h, int64_t start, int max_n) const;
 
  private:
   struct Chunk {

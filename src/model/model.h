@@ -8,6 +8,21 @@
 
 namespace ll {
 
+class TensorStore;
+struct TensorRef;
+
+// The tensors of a LongLLaMA checkpoint in Hugging Face naming, in file order.
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+std::vector<TensorSpec> tensor_specs(const ModelConfig& c);
+// Finds every tensor of tensor_specs(c) in the store and checks its dtype (F32/F16/BF16, or any
+// weight type when allow_quantized) and shape; rejects tensors that do not belong
+// (`*.rotary_emb.inv_freq` buffers are ignored). Errors name the file and the tensor.
+std::vector<const TensorRef*> match_checkpoint(const TensorStore& store, const ModelConfig& c,
+                                               const std::string& source, bool allow_quantized = false);
+
 struct LayerWeights {
   std::vector<float> attn_norm;                  // [d]
   std::vector<float> wq, wk, wv, wo;             // [d, d]

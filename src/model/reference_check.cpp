@@ -92,7 +92,7 @@ ReferenceReport verify_reference(const std::string& case_dir, double tolerance) 
       throw Error(meta_path + ": not valid JSON: " + e.what());
     }
   }
-  const Model model = Model::load(case_dir);
+  const Weights model = Weights::load(case_dir);
   const int V = model.config.vocab_size;
 
   // 1. Prompt with cache.

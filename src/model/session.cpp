@@ -5,21 +5,29 @@
 #include <cstring>
 #include <string>
 
+#include "ops/attention.h"
 #include "util/error.h"
 
 namespace ll {
 
 namespace {
 constexpr int kKeyBlock = 256;  // keys per attention block (local and memory)
+constexpr int kQueryBlock = 64;  // queries per prefill attention task
+}  // namespace
+
+Session::Session(const Weights& weights) : w_(&weights), rope_(weights.config.head_dim(), weights.config.rope_theta) {
+  reset();
 }
 
 Session::Session(const Model& model)
-    : model_(&model), rope_(model.config.head_dim(), model.config.rope_theta) {
+    : owned_(std::make_shared<Weights>(Weights::from_model(model))),
+      w_(owned_.get()),
+      rope_(model.config.head_dim(), model.config.rope_theta) {
   reset();
 }
 
 void Session::reset() {
-  const ModelConfig& c = model_->config;
+  const ModelConfig& c = w_->config;
   local_.assign(c.num_hidden_layers, {});
   for (auto& L : local_) {
     L.k_rot.resize(c.num_attention_heads);
@@ -33,9 +41,7 @@ void Session::reset() {
   tokens_seen_ = 0;
 }
 
-int64_t Session::memory_length(int layer) const {
-  return memory_.at(layer) ? memory_[layer]->size() : 0;
-}
+int64_t Session::memory_length(int layer) const { return memory_.at(layer) ? memory_[layer]->size() : 0; }
 
 size_t Session::memory_bytes() const {
   size_t b = 0;
@@ -46,13 +52,12 @@ size_t Session::memory_bytes() const {
 
 std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache, LogitsWanted which,
                                     const ProgressFn& progress) {
-  const ModelConfig& c = model_->config;
+  const ModelConfig& c = w_->config;
   for (size_t i = 0; i < ids.size(); ++i)
     if (ids[i] < 0 || ids[i] >= c.vocab_size)
       throw Error("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
                   " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
-  if (!use_cache && local_n_ > 0)
-    throw Error("forward without cache needs an empty local cache (start a new session)");
+  if (!use_cache && local_n_ > 0) throw Error("forward without cache needs an empty local cache (start a new session)");
   const int64_t T = int64_t(ids.size());
   std::vector<float> logits;
   if (T == 0) return logits;
@@ -65,15 +70,13 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
   const int64_t W = c.max_position_embeddings;
   const int64_t pre = std::max<int64_t>(T - c.last_context_length, 0);
   const bool window_cache = local_n_ > 0 ? use_cache : false;
-  int64_t done = 0;
   auto run = [&](int64_t begin, int64_t end, bool cache, bool final) {
-    const int q = int(end - begin);
     float* out = nullptr;
     if (which == LogitsWanted::All) out = logits.data() + size_t(begin) * c.vocab_size;
     if (which == LogitsWanted::Last && final) out = logits.data();
-    run_chunk(ids.data() + begin, q, cache, which == LogitsWanted::All, which == LogitsWanted::Last && final, out);
-    done = end;
-    if (progress) progress(done, T);
+    run_chunk(ids.data() + begin, int(end - begin), cache, which == LogitsWanted::All,
+              which == LogitsWanted::Last && final, out);
+    if (progress) progress(end, T);
   };
   for (int64_t s = 0; s < pre; s += W) run(s, std::min(pre, s + W), window_cache, false);
   if (pre < T) run(pre, T, use_cache, true);
@@ -81,27 +84,27 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
 }
 
 void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, bool last_logit, float* logits) {
-  const Model& m = *model_;
-  const ModelConfig& c = m.config;
-  const int d = c.hidden_size, f = c.intermediate_size, V = c.vocab_size;
+  const Weights& w = *w_;
+  const ModelConfig& c = w.config;
+  const int d = c.hidden_size, f = c.intermediate_size;
 
   // A chunk that would overflow the local cache flushes all of it first (strictly greater than W).
   const bool flush = local_n_ > 0 && local_n_ + q > c.max_position_embeddings;
   const bool had_cache = local_n_ > 0;
   const int n_keep = flush ? 0 : local_n_;
 
-  std::vector<float> x(size_t(q) * d), xn(size_t(q) * d), Q(size_t(q) * d), K(size_t(q) * d),
-      Vv(size_t(q) * d), att(size_t(q) * d), tmp(size_t(q) * d);
+  std::vector<float> x(size_t(q) * d), xn(size_t(q) * d), Q(size_t(q) * d), K(size_t(q) * d), Vv(size_t(q) * d),
+      att(size_t(q) * d), tmp(size_t(q) * d);
   std::vector<float> gate(size_t(q) * f), up(size_t(q) * f);
-  for (int i = 0; i < q; ++i) std::memcpy(&x[size_t(i) * d], &m.embed[size_t(ids[i]) * d], sizeof(float) * d);
+  for (int i = 0; i < q; ++i) w.embed_row(ids[i], &x[size_t(i) * d]);
 
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerWeights& L = m.layers[l];
+    const LayerWeightsT& L = w.layers[l];
     const bool is_mem = c.is_mem_layer(l);
     rmsnorm(x.data(), L.attn_norm.data(), q, d, c.rms_norm_eps, xn.data());
-    matmul_nt(xn.data(), q, d, L.wq.data(), d, Q.data());
-    matmul_nt(xn.data(), q, d, L.wk.data(), d, K.data());
-    matmul_nt(xn.data(), q, d, L.wv.data(), d, Vv.data());
+    matmul(L.wq.ref, xn.data(), q, Q.data());
+    matmul(L.wk.ref, xn.data(), q, K.data());
+    matmul(L.wv.ref, xn.data(), q, Vv.data());
 
     if (flush) {
       LocalCache& lc = local_[l];
@@ -125,14 +128,14 @@ void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, 
     attention(l, Q.data(), K.data(), Vv.data(), q, n_keep, use_cache, att.data());
     if (window_to_memory) memory_[l]->append(K.data(), Vv.data(), q, d);
 
-    matmul_nt(att.data(), q, d, L.wo.data(), d, tmp.data());
+    matmul(L.wo.ref, att.data(), q, tmp.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
 
     rmsnorm(x.data(), L.ffn_norm.data(), q, d, c.rms_norm_eps, xn.data());
-    matmul_nt(xn.data(), q, d, L.w_gate.data(), f, gate.data());
-    matmul_nt(xn.data(), q, d, L.w_up.data(), f, up.data());
+    matmul(L.w_gate.ref, xn.data(), q, gate.data());
+    matmul(L.w_up.ref, xn.data(), q, up.data());
     silu_mul(gate.data(), up.data(), int64_t(q) * f, gate.data());
-    matmul_nt(gate.data(), q, f, L.w_down.data(), d, tmp.data());
+    matmul(L.w_down.ref, gate.data(), q, tmp.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
   }
   local_n_ = use_cache ? n_keep + q : 0;
@@ -142,67 +145,78 @@ void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, 
   if (all_logits || last_logit) {
     const int first = all_logits ? 0 : q - 1;
     const int rows = q - first;
-    rmsnorm(x.data() + size_t(first) * d, m.final_norm.data(), rows, d, c.rms_norm_eps, xn.data());
-    matmul_nt(xn.data(), rows, d, m.output_weights(), V, logits);
+    rmsnorm(x.data() + size_t(first) * d, w.final_norm.data(), rows, d, c.rms_norm_eps, xn.data());
+    matmul(w.lm_head.ref, xn.data(), rows, logits);
   }
 }
 
 // One layer's attention for q new tokens. Q, K, V: [q][d] straight from the projections.
 // n_keep cached tokens precede the new ones in the local window.
-void Session::attention(int layer, const float* Q, const float* K, const float* V, int q, int n_keep,
-                        bool use_cache, float* out) {
-  const ModelConfig& c = model_->config;
+void Session::attention(int layer, const float* Q, const float* K, const float* V, int q, int n_keep, bool use_cache,
+                        float* out) {
+  const ModelConfig& c = w_->config;
   const int H = c.num_attention_heads, D = c.head_dim(), d = c.hidden_size;
   const bool is_mem = c.is_mem_layer(layer);
   const bool use_rope = !is_mem || c.mem_positionals;
-  const float scale = 1.0f / std::sqrt(float(D));
   LocalCache& lc = local_[layer];
   const KVMemory* mem = is_mem ? &*memory_[layer] : nullptr;
   const int n = n_keep + q;  // local keys, rotated by rel = position - oldest position
   rope_.ensure(n);
 
-#pragma omp parallel for schedule(dynamic, 1)
+  // Append this chunk's keys (rotated, plus raw copies for a later flush) and values per head;
+  // queries are rotated into a [H][q][D] buffer.
+  std::vector<float> qh(size_t(H) * q * D);
+#pragma omp parallel for schedule(static)
   for (int h = 0; h < H; ++h) {
     std::vector<float>& kr = lc.k_rot[h];
     std::vector<float>& vv = lc.v[h];
     kr.resize(size_t(n) * D);
     vv.resize(size_t(n) * D);
     if (is_mem && use_cache) lc.k_raw[h].resize(size_t(n) * D);
-    std::vector<float> qh(size_t(q) * D);
     for (int i = 0; i < q; ++i) {
       const size_t src = size_t(i) * d + h * D, dst = size_t(n_keep + i) * D;
-      std::memcpy(&qh[size_t(i) * D], Q + src, sizeof(float) * D);
+      float* qi = &qh[(size_t(h) * q + i) * D];
+      std::memcpy(qi, Q + src, sizeof(float) * D);
       std::memcpy(&kr[dst], K + src, sizeof(float) * D);
       std::memcpy(&vv[dst], V + src, sizeof(float) * D);
       if (is_mem && use_cache) std::memcpy(&lc.k_raw[h][dst], K + src, sizeof(float) * D);
       if (use_rope) {
-        rope_.apply(&qh[size_t(i) * D], n_keep + i);
+        rope_.apply(qi, n_keep + i);
         rope_.apply(&kr[dst], n_keep + i);
       }
     }
-    std::vector<SoftmaxAcc> st(q);
-    std::vector<float> acc(size_t(q) * D, 0.0f);
-    std::vector<int> limit(q);
-    for (int b = 0; b < n; b += kKeyBlock) {  // local keys, causal
-      const int nk = std::min(kKeyBlock, n - b);
-      for (int i = 0; i < q; ++i) limit[i] = n_keep + i + 1 - b;
-      attend_block(qh.data(), q, D, &kr[size_t(b) * D], &vv[size_t(b) * D], nk, D, scale, limit.data(),
-                   st.data(), acc.data());
-    }
-    if (mem && mem->size() > 0) {  // memory keys: no causal mask, one softmax with the local ones
-      std::vector<float> kb(size_t(kKeyBlock) * D), vb(size_t(kKeyBlock) * D);
-      for (int64_t b = 0; b < mem->size(); b += kKeyBlock) {
-        const int nk = int(std::min<int64_t>(kKeyBlock, mem->size() - b));
-        mem->read(h, b, nk, kb.data(), vb.data());
-        attend_block(qh.data(), q, D, kb.data(), vb.data(), nk, D, scale, nullptr, st.data(), acc.data());
-      }
-    }
-    attend_finish(st.data(), acc.data(), q, D, out + h * D, d);
-    if (!use_cache) {
-      kr.clear();
-      vv.clear();
-    }
   }
+
+  // Tasks: (head, block of queries). Each runs one online softmax over the local keys (causal)
+  // and the whole memory (no mask).
+  const int qb = q >= HeadAttention::kGemmMinQueries ? kQueryBlock : q;
+  const int nqb = (q + qb - 1) / qb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int task = 0; task < H * nqb; ++task) {
+    const int h = task / nqb, i0 = (task % nqb) * qb, nq = std::min(qb, q - i0);
+    HeadAttention att(&qh[(size_t(h) * q + i0) * D], nq, D, D);
+    std::vector<int> limit(nq);
+    const std::vector<float>& kr = lc.k_rot[h];
+    const std::vector<float>& vv = lc.v[h];
+    const int visible_end = n_keep + i0 + nq;  // keys beyond this are masked for every query here
+    for (int b = 0; b < visible_end; b += kKeyBlock) {
+      const int nk = std::min(kKeyBlock, visible_end - b);
+      for (int i = 0; i < nq; ++i) limit[i] = n_keep + i0 + i + 1 - b;
+      att.add({DType::F32, &kr[size_t(b) * D], &vv[size_t(b) * D], nk}, limit.data());
+    }
+    if (mem)
+      for (int64_t b = 0; b < mem->size();) {
+        const KVBlock blk = mem->block(h, b, kKeyBlock);
+        att.add(blk);
+        b += blk.n;
+      }
+    att.finish(out + size_t(i0) * d + h * D, d);
+  }
+  if (!use_cache)
+    for (int h = 0; h < H; ++h) {
+      lc.k_rot[h].clear();
+      lc.v[h].clear();
+    }
 }
 
 }  // namespace ll

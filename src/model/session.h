@@ -12,11 +12,13 @@
 //    local and memory logits share one softmax, computed blockwise (online softmax).
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "memory/kv_memory.h"
 #include "model/model.h"
+#include "model/weights.h"
 #include "ops/ops.h"
 
 namespace ll {
@@ -28,6 +30,8 @@ using ProgressFn = std::function<void(int64_t done, int64_t total)>;
 
 class Session {
  public:
+  explicit Session(const Weights& weights);
+  // Runs float32 parameters directly (borrowed, no copy), e.g. a model being trained.
   explicit Session(const Model& model);
 
   // Returns logits, row-major [rows x vocab]: rows = T (All), 1 (Last) or 0 (None).
@@ -40,7 +44,8 @@ class Session {
   int64_t memory_length(int layer) const;  // 0 for layers without memory
   size_t memory_bytes() const;
   int64_t tokens_seen() const { return tokens_seen_; }
-  const Model& model() const { return *model_; }
+  const Weights& weights() const { return *w_; }
+  const ModelConfig& config() const { return w_->config; }
   void reset();
 
  private:
@@ -54,7 +59,8 @@ class Session {
   void attention(int layer, const float* Q, const float* K, const float* V, int q, int n_keep,
                  bool use_cache, float* out);
 
-  const Model* model_;
+  std::shared_ptr<const Weights> owned_;  // set when built from a Model
+  const Weights* w_;
   RopeTable rope_;
   std::vector<LocalCache> local_;
   int local_n_ = 0;

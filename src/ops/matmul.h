@@ -1,0 +1,31 @@
+#pragma once
+// Products with weight matrices stored in any weight type (F32, F16, BF16, Q8_0, Q4_0).
+//  - one row of activations (decoding): SIMD dot products streaming the weights once, threads
+//    over output rows; for Q8_0/Q4_0 the activations are quantized to Q8_0 first (as llama.cpp).
+//  - many rows (prefill): dequantize 1024-row panels to f32 and call BLAS sgemm.
+#include <cstdint>
+
+#include "io/tensor_store.h"
+
+namespace ll {
+
+// A weight matrix [rows, cols], row-major in its storage type (cols % 32 == 0 for Q types).
+struct MatrixRef {
+  DType type = DType::F32;
+  int64_t rows = 0, cols = 0;
+  const void* data = nullptr;
+  const uint8_t* row(int64_t r) const;
+};
+
+// y[n, rows] = x[n, cols] · Wᵀ
+void matmul(const MatrixRef& W, const float* x, int n, float* y);
+// y[rows] = W · x, with the dot product of the matrix's type (the decode hot path).
+void matvec(const MatrixRef& W, const float* x, float* y);
+
+// Dot products of one stored row with float activations (exposed for tests and attention).
+float dot_row(DType t, const void* row, const float* x, int64_t n);
+float dot_f32(const float* a, const float* b, int64_t n);
+float dot_bf16(const uint16_t* a, const float* b, int64_t n);
+float dot_f16(const uint16_t* a, const float* b, int64_t n);
+
+}  // namespace ll

@@ -1,0 +1,111 @@
+#include "ops/quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "util/error.h"
+#include "util/half.h"
+
+namespace ll {
+
+size_t row_bytes(DType t, int64_t n) { return size_t(n / dtype_block_elems(t)) * dtype_size(t); }
+
+bool is_weight_type(DType t) {
+  return t == DType::F32 || t == DType::F16 || t == DType::BF16 || t == DType::Q8_0 || t == DType::Q4_0;
+}
+
+DType parse_weight_type(const std::string& name) {
+  if (name == "f32") return DType::F32;
+  if (name == "f16") return DType::F16;
+  if (name == "bf16") return DType::BF16;
+  if (name == "q8_0") return DType::Q8_0;
+  if (name == "q4_0") return DType::Q4_0;
+  throw Error("unknown weight type '" + name + "' (expected f32, f16, bf16, q8_0 or q4_0)");
+}
+
+void quantize_row(DType t, const float* x, int64_t n, void* out) {
+  switch (t) {
+    case DType::F32: std::memcpy(out, x, size_t(n) * 4); return;
+    case DType::F16: {
+      auto* o = static_cast<uint16_t*>(out);
+      for (int64_t i = 0; i < n; ++i) o[i] = f32_to_f16(x[i]);
+      return;
+    }
+    case DType::BF16: {
+      auto* o = static_cast<uint16_t*>(out);
+      for (int64_t i = 0; i < n; ++i) o[i] = f32_to_bf16(x[i]);
+      return;
+    }
+    case DType::Q8_0: {
+      auto* b = static_cast<BlockQ8_0*>(out);
+      for (int64_t i = 0; i < n / kQBlock; ++i, x += kQBlock) {
+        float amax = 0.0f;
+        for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(x[j]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = f32_to_f16(d);
+        for (int j = 0; j < kQBlock; ++j) b[i].qs[j] = int8_t(std::lround(x[j] * id));
+      }
+      return;
+    }
+    case DType::Q4_0: {
+      auto* b = static_cast<BlockQ4_0*>(out);
+      for (int64_t i = 0; i < n / kQBlock; ++i, x += kQBlock) {
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < kQBlock; ++j)
+          if (std::fabs(x[j]) > amax) {
+            amax = std::fabs(x[j]);
+            max = x[j];
+          }
+        const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = f32_to_f16(d);
+        for (int j = 0; j < kQBlock / 2; ++j) {
+          const uint8_t lo = uint8_t(std::min(15, int(int8_t(x[j] * id + 8.5f))));
+          const uint8_t hi = uint8_t(std::min(15, int(int8_t(x[j + 16] * id + 8.5f))));
+          b[i].qs[j] = uint8_t(lo | (hi << 4));
+        }
+      }
+      return;
+    }
+    default: throw Error(std::string("cannot quantize to ") + dtype_name(t));
+  }
+}
+
+void dequantize_row(DType t, const void* row, int64_t n, float* out) {
+  switch (t) {
+    case DType::F32: std::memcpy(out, row, size_t(n) * 4); return;
+    case DType::F16: {
+      auto* r = static_cast<const uint16_t*>(row);
+      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(r[i]);
+      return;
+    }
+    case DType::BF16: {
+      auto* r = static_cast<const uint16_t*>(row);
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(r[i]);
+      return;
+    }
+    case DType::Q8_0: {
+      auto* b = static_cast<const BlockQ8_0*>(row);
+      for (int64_t i = 0; i < n / kQBlock; ++i) {
+        const float d = f16_to_f32(b[i].d);
+        for (int j = 0; j < kQBlock; ++j) out[i * kQBlock + j] = float(b[i].qs[j]) * d;
+      }
+      return;
+    }
+    case DType::Q4_0: {
+      auto* b = static_cast<const BlockQ4_0*>(row);
+      for (int64_t i = 0; i < n / kQBlock; ++i) {
+        const float d = f16_to_f32(b[i].d);
+        for (int j = 0; j < kQBlock / 2; ++j) {
+          out[i * kQBlock + j] = float(int(b[i].qs[j] & 0x0f) - 8) * d;
+          out[i * kQBlock + j + 16] = float(int(b[i].qs[j] >> 4) - 8) * d;
+        }
+      }
+      return;
+    }
+    default: throw Error(std::string("cannot dequantize ") + dtype_name(t));
+  }
+}
+
+}  // namespace ll

@@ -1,0 +1,51 @@
+#pragma once
+// Crossbatch attention (FoT training), as the released JAX code (FoT/cross_batch.py) does it.
+//
+// A micro-batch holds B entries of S tokens; k consecutive entries ("a pack") are k consecutive
+// chunks of one document stream. In a memory layer, the queries of entry b attend, in one
+// softmax, to their own causal keys (rotated by RoPE, positions 0..S-1) and to ALL keys of the
+// contexts(b) - 1 entries just before b, un-rotated ("position 0", the raw k_proj outputs, as
+// memory keys are at inference). Earlier entries of b's pack are positives, entries of earlier
+// packs are other documents (negatives); entries after b are never visible.
+// Non-memory layers, and memory layers with range 0, are plain causal attention.
+#include <cstddef>
+
+namespace ll::train {
+
+struct CrossBatch {
+  int k = 1;              // pack size
+  int range = 0;          // r = cross_batch_range: at most r earlier entries (d = r + 1 contexts)
+  bool stepping = true;   // the JAX "stepping" rule: fewer contexts early in a pack
+  bool negatives = true;  // false: only entries of b's own pack (= what inference sees)
+
+  // Contexts of entry b (own + earlier entries), the JAX pack_size:
+  //   min((b mod k)·ceil((r+1)/max(k-1,1)) + 1, r+1, b+1), stepping only when k > 1.
+  // E.g. k = 4, r = 3: positions get 0, 2, 3, 3 earlier entries = (positives, negatives)
+  // (0,0), (1,1), (2,1), (3,0), the paper's LongLLaMA-3B recipe. The first pack of a micro-batch
+  // has no earlier pack, so it gets no negatives.
+  int contexts(int b) const;
+};
+
+// Attention probabilities kept for the backward pass: for entry b and head h, an [S x c·S]
+// block (c = contexts(b)) whose columns are the keys of entries b-c+1 .. b in that order.
+size_t attention_probs_size(const CrossBatch& cb, int B, int S, int H);
+
+// Q, Kown: queries and own keys, rotated when the layer uses RoPE; Kx: the keys other entries
+// see (un-rotated); V: values. All [B·S rows, H·D], head h at column h·D. P: probabilities
+// (attention_probs_size values). O: output [B·S, H·D].
+// Scores are (Q·Kᵀ)·(1/sqrt(D)): the scale multiplies the product (gemm alpha), as in our
+// inference and the HF code's division after the product; the JAX trainer pre-scales q, which
+// is the same in exact arithmetic.
+template <typename T>
+void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
+                   const T* V, T* P, T* O);
+
+// Gradients (all overwritten): dQ, dKown (own keys, still rotated), dKx (keys seen by later
+// entries), dV. P is consumed (overwritten with the score gradients).
+// Runs in three passes, each parallel over (entry, head) tasks that never write the same rows,
+// with every sum in a fixed order: deterministic for any thread count.
+template <typename T>
+void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
+                   const T* V, T* P, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV);
+
+}  // namespace ll::train

@@ -1,0 +1,57 @@
+#pragma once
+// The training forward and backward pass of a whole LongLLaMA over one micro-batch of B entries
+// of S tokens each (positions 0..S-1 in every entry), with crossbatch attention in memory layers.
+// Keeps every activation the backward pass needs (no recomputation): memory is about
+// (9·d + 3·ffn) values per token and layer, plus the attention probabilities and the logits.
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+#include "train/backward_ops.h"
+#include "train/crossbatch.h"
+#include "train/params.h"
+
+namespace ll::train {
+
+template <typename T>
+class Network {
+ public:
+  Network(const ModelConfig& config, int seq_len);
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  int seq_len() const { return S_; }
+
+  // inputs: [B·S] token ids. cb applies to memory layers (others are always plain causal).
+  // Returns the logits [B·S, vocab], valid until the next call.
+  const T* forward(const T* params, const int* inputs, int B, const CrossBatch& cb);
+
+  // Loss of the last forward (targets and loss mask [B·S]), see cross_entropy(): loss_sum is
+  // the sum over entries of per-entry mean NLL.
+  CEStats loss(const int* targets, const uint8_t* mask);
+  // Loss, then backward: grads += ∂(loss_scale · loss_sum)/∂params. Consumes the logits and
+  // attention probabilities (call forward again before another loss/backward).
+  CEStats backward(const T* params, const int* targets, const uint8_t* mask, T loss_scale, T* grads);
+
+ private:
+  struct LayerActs {
+    std::vector<T> x_in, xn, rstd1, Q, K, Kr, V, P, att, x_mid, xn2, rstd2, G, U, A;
+  };
+  bool rope_in(int layer) const { return !config_.is_mem_layer(layer) || config_.mem_positionals; }
+  CrossBatch layer_cb(int layer) const;
+
+  ModelConfig config_;
+  ParamLayout layout_;
+  int S_;
+  Rope<T> rope_;
+  int B_ = 0;
+  CrossBatch cb_;
+  std::vector<int> inputs_;
+  std::vector<LayerActs> acts_;
+  std::vector<T> x_final_, xf_, rstd_f_, logits_;
+};
+
+extern template class Network<float>;
+extern template class Network<double>;
+
+}  // namespace ll::train

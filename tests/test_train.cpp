@@ -1,0 +1,260 @@
+// Backward passes of every training op against central finite differences, in float64 with odd
+// sizes, including crossbatch attention with negatives and stepping.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+
+#include "train/backward_ops.h"
+#include "train/crossbatch.h"
+
+using namespace ll::train;
+using Vec = std::vector<double>;
+
+namespace {
+
+Vec randn(size_t n, std::mt19937_64& rng, double sd = 1.0) {
+  std::normal_distribution<double> N(0.0, sd);
+  Vec v(n);
+  for (double& x : v) x = N(rng);
+  return v;
+}
+
+double dot(const Vec& a, const Vec& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Largest |analytic - numeric| / max(1, |numeric|) over every coordinate of x, where numeric is
+// the central difference of loss() with step h.
+double grad_error(Vec& x, const Vec& analytic, const std::function<double()>& loss, double h = 1e-5) {
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double keep = x[i];
+    x[i] = keep + h;
+    const double lp = loss();
+    x[i] = keep - h;
+    const double lm = loss();
+    x[i] = keep;
+    const double num = (lp - lm) / (2 * h);
+    worst = std::max(worst, std::abs(analytic[i] - num) / std::max(1.0, std::abs(num)));
+  }
+  return worst;
+}
+
+constexpr double kTol = 1e-8;
+
+}  // namespace
+
+TEST(TrainOps, Embedding) {
+  std::mt19937_64 rng(1);
+  const int V = 37, d = 5, n = 9;
+  const std::vector<int> ids = {3, 0, 36, 3, 7, 7, 7, 12, 3};  // repeated ids accumulate
+  Vec table = randn(V * d, rng), w = randn(n * d, rng), out(n * d), g(V * d, 0.0);
+  auto loss = [&] {
+    embedding_fwd(table.data(), d, ids.data(), n, out.data());
+    return dot(out, w);
+  };
+  embedding_bwd(w.data(), d, ids.data(), n, g.data());
+  EXPECT_LT(grad_error(table, g, loss), kTol);
+}
+
+TEST(TrainOps, Linear) {
+  std::mt19937_64 rng(2);
+  const int n = 7, in = 12, out = 20;
+  Vec x = randn(n * in, rng), W = randn(out * in, rng), w = randn(n * out, rng), y(n * out);
+  Vec dx(n * in, 0.0), dW(out * in, 0.0);
+  auto loss = [&] {
+    linear_fwd(x.data(), n, in, W.data(), out, y.data());
+    return dot(y, w);
+  };
+  linear_bwd(x.data(), n, in, W.data(), out, w.data(), dx.data(), false, dW.data());
+  EXPECT_LT(grad_error(x, dx, loss), kTol);
+  EXPECT_LT(grad_error(W, dW, loss), kTol);
+  // accumulate_dx adds, dW always adds
+  Vec dx2 = dx, dW2 = dW;
+  linear_bwd(x.data(), n, in, W.data(), out, w.data(), dx2.data(), true, dW2.data());
+  for (size_t i = 0; i < dx.size(); ++i) EXPECT_DOUBLE_EQ(dx2[i], 2 * dx[i]);
+  for (size_t i = 0; i < dW.size(); ++i) EXPECT_DOUBLE_EQ(dW2[i], 2 * dW[i]);
+}
+
+TEST(TrainOps, RMSNorm) {
+  std::mt19937_64 rng(3);
+  const int n = 7, d = 12;
+  Vec x = randn(n * d, rng), wt = randn(d, rng), w = randn(n * d, rng), y(n * d), rstd(n);
+  Vec dx(n * d, 0.0), dwt(d, 0.0);
+  auto loss = [&] {
+    rmsnorm_fwd(x.data(), wt.data(), n, d, 1e-6, y.data(), rstd.data());
+    return dot(y, w);
+  };
+  loss();
+  rmsnorm_bwd(x.data(), wt.data(), rstd.data(), w.data(), n, d, dx.data(), dwt.data());
+  EXPECT_LT(grad_error(x, dx, loss), kTol);
+  EXPECT_LT(grad_error(wt, dwt, loss), kTol);
+}
+
+TEST(TrainOps, RopeMatchesInferenceTableAndInverts) {
+  std::mt19937_64 rng(4);
+  const int S = 7, H = 3, D = 4, n = 2 * S, ld = H * D + 2;  // two entries, padded rows
+  Rope<double> rope(D, 10000.0f, S);
+  Vec x = randn(n * ld, rng), w = randn(n * ld, rng);
+  for (int i = 0; i < n; ++i) w[i * ld + H * D] = w[i * ld + H * D + 1] = 0;  // padding is not rotated
+  auto loss = [&] {
+    Vec y = x;
+    rope_fwd(y.data(), n, ld, H, rope, S);
+    return dot(y, w);
+  };
+  Vec g = w;
+  rope_bwd(g.data(), n, ld, H, rope, S);
+  EXPECT_LT(grad_error(x, g, loss), kTol);
+  // Position 0 is the identity (memory keys "rotated as if first"); row S restarts at 0.
+  Vec y = x;
+  rope_fwd(y.data(), n, ld, H, rope, S);
+  for (int j = 0; j < H * D; ++j) {
+    EXPECT_EQ(y[j], x[j]);
+    EXPECT_EQ(y[S * ld + j], x[S * ld + j]);
+  }
+  // Position 1, pair 0: angle 1 rad (inv_freq 1): [a, b] -> [a cos1 - b sin1, b cos1 + a sin1]
+  const double a = x[ld], b = x[ld + D / 2];
+  EXPECT_NEAR(y[ld], a * std::cos(1.0) - b * std::sin(1.0), 1e-7);
+  EXPECT_NEAR(y[ld + D / 2], b * std::cos(1.0) + a * std::sin(1.0), 1e-7);
+}
+
+TEST(TrainOps, SwiGLU) {
+  std::mt19937_64 rng(5);
+  const int n = 20 * 3;
+  Vec g = randn(n, rng, 2.0), u = randn(n, rng), w = randn(n, rng), a(n), dg(n), du(n);
+  auto loss = [&] {
+    swiglu_fwd(g.data(), u.data(), n, a.data());
+    return dot(a, w);
+  };
+  swiglu_bwd(g.data(), u.data(), w.data(), n, dg.data(), du.data());
+  EXPECT_LT(grad_error(g, dg, loss), kTol);
+  EXPECT_LT(grad_error(u, du, loss), kTol);
+}
+
+TEST(TrainOps, CrossEntropyPerSequenceMean) {
+  std::mt19937_64 rng(6);
+  const int S = 7, B = 3, n = S * B, V = 37;
+  Vec logits = randn(n * V, rng, 2.0), dl(n * V);
+  std::vector<int> targets(n);
+  std::vector<uint8_t> mask(n);
+  for (int i = 0; i < n; ++i) {
+    targets[i] = int(rng() % V);
+    mask[i] = i < S ? 0 : (rng() % 3 != 0);  // first sequence: no loss tokens at all
+  }
+  mask[S] = 1;
+  auto loss = [&] { return cross_entropy<double>(logits.data(), n, V, targets.data(), mask.data(), S, 0, nullptr).loss_sum; };
+  const CEStats st = cross_entropy<double>(logits.data(), n, V, targets.data(), mask.data(), S, 0.5, dl.data());
+  for (double& g : dl) g *= 2;  // grad_scale 0.5
+  EXPECT_LT(grad_error(logits, dl, loss), kTol);
+  // Reference: per-sequence mean of masked NLL, summed over sequences.
+  double ref = 0;
+  int64_t counted = 0;
+  for (int b = 0; b < B; ++b) {
+    double s = 0;
+    int c = 0;
+    for (int i = b * S; i < (b + 1) * S; ++i) {
+      if (!mask[i]) continue;
+      double mx = -1e300, z = 0;
+      for (int j = 0; j < V; ++j) mx = std::max(mx, logits[i * V + j]);
+      for (int j = 0; j < V; ++j) z += std::exp(logits[i * V + j] - mx);
+      s += mx + std::log(z) - logits[i * V + targets[i]];
+      ++c;
+    }
+    if (c) ref += s / c;
+    counted += c;
+  }
+  EXPECT_NEAR(st.loss_sum, ref, 1e-12);
+  EXPECT_EQ(st.counted, counted);
+}
+
+TEST(CrossBatch, PackSizeRule) {
+  // k = 4, r = 3, stepping: 0, 2, 3, 3 earlier entries; the first pack is capped by b + 1.
+  CrossBatch cb{4, 3, true, true};
+  const std::vector<int> want = {1, 2, 3, 4, 1, 3, 4, 4, 1, 3, 4, 4};
+  for (int b = 0; b < 12; ++b) EXPECT_EQ(cb.contexts(b), want[b]) << "b=" << b;
+  cb.stepping = false;  // every entry gets r + 1 (capped by b + 1)
+  for (int b = 0; b < 12; ++b) EXPECT_EQ(cb.contexts(b), std::min(4, b + 1)) << "b=" << b;
+  cb.negatives = false;  // only its own pack: the inference view
+  for (int b = 0; b < 12; ++b) EXPECT_EQ(cb.contexts(b), b % 4 + 1) << "b=" << b;
+  // k = 2, r = 2 (the shipped setup_test.json): ceil(3/1) = 3 -> positions get 1 and 3 contexts.
+  CrossBatch small{2, 2, true, true};
+  EXPECT_EQ(small.contexts(0), 1);
+  EXPECT_EQ(small.contexts(1), 2);
+  EXPECT_EQ(small.contexts(2), 1);
+  EXPECT_EQ(small.contexts(3), 3);
+  // k = 1: stepping does not apply; only negatives (other streams).
+  CrossBatch one{1, 2, true, true};
+  EXPECT_EQ(one.contexts(0), 1);
+  EXPECT_EQ(one.contexts(1), 2);
+  EXPECT_EQ(one.contexts(5), 3);
+}
+
+namespace {
+
+// Direct evaluation of crossbatch attention from its definition (no gemm, no shared code).
+Vec attention_reference(const CrossBatch& cb, int B, int S, int H, int D, const Vec& Q, const Vec& Kown,
+                        const Vec& Kx, const Vec& V) {
+  const int ld = H * D;
+  Vec O(size_t(B) * S * ld, 0.0);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < S; ++i) {
+        std::vector<std::pair<double, const double*>> keys;  // (score, value row)
+        auto score = [&](const Vec& K, int row) {
+          double s = 0;
+          for (int j = 0; j < D; ++j) s += Q[(b * S + i) * ld + h * D + j] * K[row * ld + h * D + j];
+          return s / std::sqrt(double(D));
+        };
+        for (int j = 0; j <= i; ++j) keys.push_back({score(Kown, b * S + j), &V[(b * S + j) * ld + h * D]});
+        for (int e = b - cb.contexts(b) + 1; e < b; ++e)
+          for (int j = 0; j < S; ++j) keys.push_back({score(Kx, e * S + j), &V[(e * S + j) * ld + h * D]});
+        double mx = -1e300, z = 0;
+        for (auto& k : keys) mx = std::max(mx, k.first);
+        for (auto& k : keys) z += std::exp(k.first - mx);
+        for (auto& k : keys)
+          for (int j = 0; j < D; ++j) O[(b * S + i) * ld + h * D + j] += std::exp(k.first - mx) / z * k.second[j];
+      }
+  return O;
+}
+
+void check_attention(const CrossBatch& cb, int B, int S, int H, int D, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const size_t n = size_t(B) * S * H * D;
+  Vec Q = randn(n, rng), Kown = randn(n, rng), Kx = randn(n, rng), V = randn(n, rng), w = randn(n, rng);
+  Vec P(attention_probs_size(cb, B, S, H)), O(n);
+  auto loss = [&] {
+    attention_fwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), P.data(), O.data());
+    return dot(O, w);
+  };
+  loss();
+  const Vec ref = attention_reference(cb, B, S, H, D, Q, Kown, Kx, V);
+  double fwd_err = 0;
+  for (size_t i = 0; i < n; ++i) fwd_err = std::max(fwd_err, std::abs(O[i] - ref[i]));
+  EXPECT_LT(fwd_err, 1e-12);
+  Vec dQ(n), dKown(n), dKx(n), dV(n);
+  attention_bwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), P.data(), O.data(), w.data(), dQ.data(),
+                dKown.data(), dKx.data(), dV.data());
+  const double eq = grad_error(Q, dQ, loss), ek = grad_error(Kown, dKown, loss), ex = grad_error(Kx, dKx, loss),
+               ev = grad_error(V, dV, loss);
+  EXPECT_LT(eq, kTol);
+  EXPECT_LT(ek, kTol);
+  EXPECT_LT(ex, kTol);
+  EXPECT_LT(ev, kTol);
+  std::printf("  k=%d r=%d stepping=%d negatives=%d B=%d S=%d H=%d D=%d: fwd %.1e, grad Q %.1e Kown %.1e Kx %.1e V %.1e\n",
+              cb.k, cb.range, cb.stepping, cb.negatives, B, S, H, D, fwd_err, eq, ek, ex, ev);
+}
+
+}  // namespace
+
+TEST(CrossBatch, AttentionGradients) {
+  check_attention({1, 0, true, true}, 2, 7, 3, 4, 10);   // plain causal
+  check_attention({2, 1, true, true}, 4, 7, 3, 4, 11);   // positives + negatives
+  check_attention({4, 3, true, true}, 8, 5, 2, 4, 12);   // the 3B recipe: (0,0) (1,1) (2,1) (3,0)
+  check_attention({3, 4, false, true}, 6, 5, 3, 2, 13);  // no stepping, range beyond the pack
+  check_attention({3, 5, true, false}, 6, 5, 1, 6, 14);  // positives only
+  check_attention({1, 2, true, true}, 4, 3, 2, 4, 15);   // k = 1: negatives only
+}
