@@ -49,14 +49,14 @@ ll::Tokenizer open_tokenizer(const std::string& path) {
 
 void LoadFlags::add(CLI::App* app) {
   app->add_option("--type", type, "Convert weights at load: f32, f16, bf16, q8_0, q4_0");
-  app->add_flag("--mmap", mmap, "Read a .gguf model from the page cache instead of copying it into RAM");
+  app->add_flag("--no-mmap", no_mmap, "Copy a .gguf model into RAM instead of reading it through mmap");
   app->add_option("--last-context-length", last_context_length, "Override last_context_length");
 }
 
 ll::Weights load_model(const std::string& path, const LoadFlags& flags) {
   std::optional<ll::DType> type;
   if (!flags.type.empty()) type = ll::parse_weight_type(flags.type);
-  ll::Weights w = ll::Weights::load(path, type, flags.mmap);
+  ll::Weights w = ll::Weights::load(path, type, !flags.no_mmap);
   if (flags.last_context_length >= 0) w.config.last_context_length = flags.last_context_length;
   return w;
 }

@@ -22,7 +22,9 @@ struct Command {
 using Commands = std::vector<Command>;
 
 void add_generate_commands(CLI::App& app, Commands& out);  // generate, chat
-void add_model_commands(CLI::App& app, Commands& out);     // tokenize, verify-reference, init-random
+void add_model_commands(CLI::App& app, Commands& out);
+void add_bench_commands(CLI::App& app, Commands& out);     // bench     // tokenize, verify-reference, init-random, convert
+void add_train_commands(CLI::App& app, Commands& out);     // train
 
 std::string read_text_file(const std::string& path, const std::string& what);
 
@@ -45,10 +47,12 @@ ll::Tokenizer open_tokenizer(const ll::Weights& w, const std::string& override_p
 // A tokenizer.model file, or the tokenizer of a model directory or .gguf.
 ll::Tokenizer open_tokenizer(const std::string& path);
 
-// How a model is loaded: --type converts its matrices, --mmap reads a .gguf from the page cache.
+// How a model is loaded: --type converts its matrices; a .gguf is read through mmap (starts at
+// once) unless --no-mmap copies it into huge-page RAM (faster decoding, survives page-cache
+// eviction).
 struct LoadFlags {
   std::string type;  // "" = as stored (float32 for a model directory)
-  bool mmap = false;
+  bool no_mmap = false;
   int last_context_length = -1;  // >= 0 overrides the config, as forward(..., last_context_length=N)
   void add(CLI::App* app);
 };

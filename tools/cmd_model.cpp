@@ -1,4 +1,5 @@
 // tokenize, verify-reference, init-random: model and tokenizer utilities.
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -7,7 +8,9 @@
 
 #include "cli.h"
 #include "io/tensor_store.h"
+#include "model/gguf_model.h"
 #include "model/reference_check.h"
+#include "ops/quant.h"
 #include "tokenizer/prompt.h"
 #include "util/error.h"
 
@@ -18,7 +21,7 @@ namespace cli {
 namespace {
 
 struct ModelArgs {
-  std::string model, text, tmpl, system = ll::kDefaultSystemPrompt, case_dir, config, out, tokenizer;
+  std::string model, text, tmpl, system = ll::kDefaultSystemPrompt, case_dir, config, out, tokenizer, type = "f16";
   double tolerance = 1e-4;
   uint64_t seed = 0;
   bool json = false, f32 = false;
@@ -71,6 +74,14 @@ int run_init_random(const ModelArgs& a) {
   return 0;
 }
 
+int run_convert(const ModelArgs& a) {
+  const auto t0 = std::chrono::steady_clock::now();
+  ll::convert_to_gguf(a.model, a.out, ll::parse_weight_type(a.type));
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "wrote %s (%.1f MB) in %.1f s\n", a.out.c_str(), double(fs::file_size(a.out)) / 1e6, s);
+  return 0;
+}
+
 }  // namespace
 
 void add_model_commands(CLI::App& app, Commands& out) {
@@ -95,6 +106,12 @@ void add_model_commands(CLI::App& app, Commands& out) {
   init->add_option("--tokenizer", a->tokenizer, "tokenizer.model to copy into the directory");
   init->add_flag("--f32", a->f32, "Store float32 weights (default bf16, like the released checkpoints)");
   out.push_back({init, [a] { return run_init_random(*a); }});
+
+  auto* conv = app.add_subcommand("convert", "Convert a model directory to one mmap-able GGUF file");
+  conv->add_option("model_dir", a->model, "Hugging Face model directory")->required();
+  conv->add_option("out", a->out, "Output .gguf file")->required();
+  conv->add_option("--type", a->type, "Matrix type: f32, f16, bf16, q8_0, q4_0")->capture_default_str();
+  out.push_back({conv, [a] { return run_convert(*a); }});
 }
 
 }  // namespace cli

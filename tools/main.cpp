@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   cli::Commands commands;
   cli::add_generate_commands(app, commands);
   cli::add_model_commands(app, commands);
+  cli::add_bench_commands(app, commands);
+  cli::add_train_commands(app, commands);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -341,44 +341,6 @@ bool valid_alignment(uint64_t a) { return a >= 1 && a <= kMaxAlignment && (a & (
 
 uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }  // callers keep x small
 
-void write_all(int fd, const void* data, size_t n, const std::string& path) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) throw Error(path + ": write failed: " + std::strerror(errno));
-    p += w;
-    n -= size_t(w);
-  }
-}
-
-// Writes via `fill` into path.tmp.<pid>, fsyncs and renames over `path`; removes the temp file on
-// any failure so no half-written file is left behind.
-void write_atomic(const std::string& path, const std::function<void(int fd)>& fill) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(path + ": cannot create temp file " + tmp + ": " + std::strerror(errno));
-  try {
-    fill(fd);
-    if (::fsync(fd) != 0) throw Error(path + ": fsync failed: " + std::strerror(errno));
-    int rc = ::close(fd);
-    fd = -1;
-    if (rc != 0) throw Error(path + ": close failed: " + std::strerror(errno));
-    if (::rename(tmp.c_str(), path.c_str()) != 0)
-      throw Error(path + ": cannot rename temp file into place: " + std::strerror(errno));
-  } catch (...) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-}
-
 // Validates everything and writes; `data(i, buf)` returns tensor i's bytes (possibly in buf).
 void write_impl(const std::string& path, const std::map<std::string, GGUFValue>& metadata,
                 const std::vector<GGUFTensorToWrite>& tensors, uint32_t alignment, bool need_data,

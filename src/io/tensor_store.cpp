@@ -135,10 +135,6 @@ std::vector<float> to_f32(const TensorRef& t) {
 
 // --- atomic writing -----------------------------------------------------------------------
 
-namespace {
-
-// Writes via `fill` into path.tmp.<pid>, fsyncs and renames over `path`; removes the temp file
-// on any failure so no half-written file is left behind.
 void write_atomic(const std::string& path, const std::function<void(int fd)>& fill) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -175,8 +171,6 @@ void write_all(int fd, const void* data, size_t n, const std::string& path) {
     n -= size_t(w);
   }
 }
-
-}  // namespace
 
 void write_file_atomic(const std::string& path, const std::string& contents) {
   write_atomic(path, [&](int fd) { write_all(fd, contents.data(), contents.size(), path); });

@@ -4,6 +4,7 @@
 // ll::Error naming the file and the tensor; they never read outside a mapping.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -95,5 +96,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
 
 // Atomic write of a small text/binary file (temp + rename).
 void write_file_atomic(const std::string& path, const std::string& contents);
+// Writes via fill(fd) into path.tmp.<pid>, fsyncs and renames over `path` (then fsyncs the
+// directory); on any failure removes the temp file, so no half-written file is left behind.
+void write_atomic(const std::string& path, const std::function<void(int fd)>& fill);
+// write(2) until done; throws ll::Error naming path.
+void write_all(int fd, const void* data, size_t n, const std::string& path);
 
 }  // namespace ll

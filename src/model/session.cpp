@@ -41,6 +41,25 @@ void Session::reset() {
   tokens_seen_ = 0;
 }
 
+void Session::fill_memory_random(int64_t n, uint64_t seed) {
+  const int d = w_->config.hidden_size;
+  std::vector<float> k(size_t(KVMemory::kChunkTokens) * d), v(k.size());
+  uint64_t h = seed;
+  for (auto& m : memory_) {
+    if (!m) continue;
+    for (int64_t done = 0; done < n;) {
+      const int c = int(std::min<int64_t>(KVMemory::kChunkTokens, n - done));
+      for (size_t i = 0; i < size_t(c) * d; ++i) {
+        h = h * 6364136223846793005ull + 1442695040888963407ull;
+        k[i] = float(int64_t(h >> 40) - (1 << 23)) / float(1 << 23);
+        v[i] = -k[i];
+      }
+      m->append(k.data(), v.data(), c, d);
+      done += c;
+    }
+  }
+}
+
 int64_t Session::memory_length(int layer) const { return memory_.at(layer) ? memory_[layer]->size() : 0; }
 
 size_t Session::memory_bytes() const {

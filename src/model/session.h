@@ -47,6 +47,10 @@ class Session {
   const Weights& weights() const { return *w_; }
   const ModelConfig& config() const { return w_->config; }
   void reset();
+  // Benchmarks only: appends n tokens of random keys/values to every memory layer, so decoding
+  // with a large memory can be timed without ingesting it first (the cost of attention does not
+  // depend on the values).
+  void fill_memory_random(int64_t n, uint64_t seed);
 
  private:
   struct LocalCache {

@@ -107,6 +107,56 @@ Weights Weights::from_model(const Model& m, DType type) {
   return w;
 }
 
+Weights Weights::random(const ModelConfig& c, DType type, uint64_t seed) {
+  c.validate("random weights");
+  const int64_t d = c.hidden_size, f = c.intermediate_size, V = c.vocab_size;
+  uint64_t matrix_index = 0;
+  auto matrix = [&](int64_t rows, int64_t cols) -> WeightMatrix {
+    if (dtype_is_quantized(type) && cols % kQBlock != 0)
+      throw Error("random weights: " + std::to_string(cols) + " columns cannot be stored as " + dtype_name(type));
+    const size_t rb = row_bytes(type, cols);
+    auto mem = alloc_huge(rb * size_t(rows));
+    const uint64_t mi = ++matrix_index;
+#pragma omp parallel
+    {
+      std::vector<float> tmp(static_cast<size_t>(cols));
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        uint64_t h = seed * 0x9E3779B97F4A7C15ull ^ (mi << 40) ^ uint64_t(r);
+        for (auto& x : tmp) {  // splitmix64 -> uniform(-a, a) with a = 0.02 * sqrt(3)
+          h += 0x9E3779B97F4A7C15ull;
+          uint64_t z = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
+          z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+          z ^= z >> 31;
+          x = (float(z >> 40) / float(1 << 24) * 2.0f - 1.0f) * 0.0346410f;
+        }
+        quantize_row(type, tmp.data(), cols, mem.get() + size_t(r) * rb);
+      }
+    }
+    return {{type, rows, cols, mem.get()}, mem};
+  };
+  Weights w;
+  w.config = c;
+  w.source = "random";
+  w.storage = "ram";
+  w.embed = matrix(V, d);
+  w.layers.resize(c.num_hidden_layers);
+  for (auto& L : w.layers) {
+    L.wq = matrix(d, d);
+    L.wk = matrix(d, d);
+    L.wv = matrix(d, d);
+    L.wo = matrix(d, d);
+    L.w_gate = matrix(f, d);
+    L.w_up = matrix(f, d);
+    L.w_down = matrix(d, f);
+    L.attn_norm.assign(size_t(d), 1.0f);
+    L.ffn_norm.assign(size_t(d), 1.0f);
+  }
+  w.final_norm.assign(size_t(d), 1.0f);
+  w.lm_head = c.tie_word_embeddings ? w.embed : matrix(V, d);
+  return w;
+}
+
 void Weights::embed_row(int token, float* out) const {
   dequantize_row(embed.ref.type, embed.ref.row(token), embed.ref.cols, out);
 }

@@ -41,6 +41,9 @@ struct Weights {
   static Weights load(const std::string& path, std::optional<DType> type = {}, bool use_mmap = false);
   // From float32 parameters (e.g. a model being trained): F32 borrows the vectors, no copy.
   static Weights from_model(const Model& m, DType type = DType::F32);
+  // Random matrices made directly in `type` (uniform, std 0.02; norms 1), for benchmarks of
+  // models too large to hold in float32 first. Deterministic in seed, fast (hash-based).
+  static Weights random(const ModelConfig& c, DType type, uint64_t seed);
 
   void embed_row(int token, float* out) const;  // dequantized embedding row
   size_t matrix_bytes() const;                  // bytes of all matrices (what decoding streams)

@@ -183,13 +183,14 @@ void matmul(const MatrixRef& W, const float* x, int n, float* y) {
   }
   // Dequantize a panel of rows, then one multithreaded sgemm per panel.
   constexpr int64_t kPanel = 1024;
-  thread_local std::vector<float> panel;
-  panel.resize(size_t(std::min(rows, kPanel) * cols));
+  thread_local std::vector<float> panel_buf;  // reused across calls by the calling thread
+  panel_buf.resize(size_t(std::min(rows, kPanel) * cols));
+  float* panel = panel_buf.data();  // the OpenMP workers must see this thread's buffer
   for (int64_t r0 = 0; r0 < rows; r0 += kPanel) {
     const int64_t pr = std::min(kPanel, rows - r0);
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < pr; ++r) dequantize_row(W.type, W.row(r0 + r), cols, &panel[size_t(r * cols)]);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, int(pr), int(cols), 1.0f, x, int(cols), panel.data(),
+    for (int64_t r = 0; r < pr; ++r) dequantize_row(W.type, W.row(r0 + r), cols, panel + size_t(r * cols));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, int(pr), int(cols), 1.0f, x, int(cols), panel,
                 int(cols), 0.0f, y + r0, int(rows));
   }
 }

@@ -71,6 +71,21 @@ std::string Tokenizer::piece(int id) const {
   return impl_->sp.IdToPiece(id);
 }
 
+float Tokenizer::score(int id) const {
+  piece(id);  // range check
+  return impl_->sp.GetScore(id);
+}
+
+int Tokenizer::token_type(int id) const {
+  piece(id);  // range check
+  const auto& sp = impl_->sp;
+  if (sp.IsUnknown(id)) return 2;
+  if (sp.IsControl(id)) return 3;
+  if (sp.IsUnused(id)) return 5;
+  if (sp.IsByte(id)) return 6;
+  return 1;
+}
+
 const std::string& Tokenizer::serialized() const { return impl_->bytes; }
 const std::string& Tokenizer::name() const { return impl_->name; }
 

@@ -22,6 +22,9 @@ class Tokenizer {
   int unk() const;
   int vocab_size() const;
   std::string piece(int id) const;
+  float score(int id) const;
+  // GGUF token type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+  int token_type(int id) const;
   const std::string& serialized() const;  // the model proto bytes, for embedding
   const std::string& name() const;        // path or name used in error messages
 

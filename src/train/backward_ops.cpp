@@ -8,6 +8,9 @@
 
 namespace ll::train {
 
+// Below this many elements an OpenMP team costs more than it saves.
+constexpr int64_t kParallelWork = 1 << 15;
+
 template <>
 void gemm<float>(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
                  int ldb, float beta, float* C, int ldc) {
@@ -49,7 +52,7 @@ void linear_bwd(const T* x, int n, int in, const T* W, int out, const T* dy, T* 
 
 template <typename T>
 void rmsnorm_fwd(const T* x, const T* w, int n, int d, T eps, T* y, T* rstd) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (int64_t(n) * d > kParallelWork)
   for (int i = 0; i < n; ++i) {
     const T* xi = x + int64_t(i) * d;
     T ss = 0;
@@ -63,7 +66,7 @@ void rmsnorm_fwd(const T* x, const T* w, int n, int d, T eps, T* y, T* rstd) {
 
 template <typename T>
 void rmsnorm_bwd(const T* x, const T* w, const T* rstd, const T* dy, int n, int d, T* dx, T* dw) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (int64_t(n) * d > kParallelWork)
   for (int i = 0; i < n; ++i) {
     const T* xi = x + int64_t(i) * d;
     const T* gi = dy + int64_t(i) * d;
@@ -102,7 +105,7 @@ namespace {
 template <typename T>
 void rope_rows(T* x, int n, int ld, int H, const Rope<T>& rope, int period, T sign) {
   const int D = rope.D, half = D / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (int64_t(n) * ld > kParallelWork)
   for (int i = 0; i < n; ++i) {
     const int pos = i % period;
     const T* c = rope.cos.data() + size_t(pos) * half;
@@ -131,7 +134,7 @@ void rope_bwd(T* dx, int n, int ld, int H, const Rope<T>& rope, int period) {
 
 template <typename T>
 void swiglu_fwd(const T* g, const T* u, int64_t n, T* a) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
     const T s = T(1) / (T(1) + std::exp(-g[i]));
     a[i] = g[i] * s * u[i];
@@ -140,7 +143,7 @@ void swiglu_fwd(const T* g, const T* u, int64_t n, T* a) {
 
 template <typename T>
 void swiglu_bwd(const T* g, const T* u, const T* da, int64_t n, T* dg, T* du) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
     const T s = T(1) / (T(1) + std::exp(-g[i]));
     const T silu = g[i] * s;
@@ -158,7 +161,7 @@ CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const u
   std::vector<uint8_t> hit(n, 0);
   std::vector<int> count(n / S, 0);
   for (int i = 0; i < n; ++i) count[i / S] += mask[i] ? 1 : 0;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (int64_t(n) * V > kParallelWork)
   for (int i = 0; i < n; ++i) {
     const T* l = logits + int64_t(i) * V;
     T* g = dlogits ? dlogits + int64_t(i) * V : nullptr;

@@ -29,6 +29,8 @@ std::vector<size_t> probs_offsets(const CrossBatch& cb, int B, int S, int H) {
   return off;
 }
 
+bool worth_threads(int B, int S, int H, int D) { return int64_t(B) * H * S * S * D > (1 << 16); }
+
 }  // namespace
 
 size_t attention_probs_size(const CrossBatch& cb, int B, int S, int H) { return probs_offsets(cb, B, S, H).back(); }
@@ -39,7 +41,8 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
   const int ld = H * D;
   const T scale = T(1) / std::sqrt(T(D));
   const std::vector<size_t> off = probs_offsets(cb, B, S, H);
-#pragma omp parallel for schedule(dynamic, 1)
+  const bool parallel = worth_threads(B, S, H, D);
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < B * H; ++task) {
     const int b = task / H, h = task % H, c = cb.contexts(b), W = c * S;
     const int64_t first = int64_t(b - c + 1) * S;  // first key row (entry b-c+1)
@@ -69,6 +72,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
   const int ld = H * D;
   const T scale = T(1) / std::sqrt(T(D));
   const std::vector<size_t> off = probs_offsets(cb, B, S, H);
+  const bool parallel = worth_threads(B, S, H, D);
   auto rows = [&](const T* base, int e, int h) { return base + int64_t(e) * S * ld + h * D; };
   auto rows_mut = [&](T* base, int e, int h) { return base + int64_t(e) * S * ld + h * D; };
   // Column block of entry e inside the probability block of query entry b.
@@ -78,7 +82,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
   };
 
   // 1. dV[e] = Σ_{b ≥ e that see e} P_b[:, e]ᵀ · dO_b   (P still holds probabilities)
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < B * H; ++task) {
     const int e = task / H, h = task % H;
     T* dv = rows_mut(dV, e, h);
@@ -92,7 +96,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
 
   // 2. dS = P ⊙ (dP - rowsum(dP ⊙ P)) · scale with dP = dO · Vᵀ and rowsum(dP ⊙ P) = dO·O;
   //    dQ_b = dS · keys.
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < B * H; ++task) {
     const int b = task / H, h = task % H, c = cb.contexts(b), W = c * S;
     const int64_t first = int64_t(b - c + 1) * S;
@@ -114,7 +118,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
   }
 
   // 3. dKown[e] = dS_e[:, own]ᵀ · Q_e ; dKx[e] = Σ_{b > e that see e} dS_b[:, e]ᵀ · Q_b
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < B * H; ++task) {
     const int e = task / H, h = task % H, c = cb.contexts(e);
     gemm<T>(true, false, S, D, S, T(1), block(P, e, h, e), c * S, rows(Q, e, h), ld, T(0), rows_mut(dKown, e, h), ld);

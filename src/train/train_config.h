@@ -1,0 +1,76 @@
+#pragma once
+// TRAIN.json: everything a training run needs (schema in docs/training.md). Parsing checks every
+// field and rejects unknown ones, with errors that name the file and the field.
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "train/optimizer.h"
+
+namespace ll::train {
+
+struct SourceConfig {
+  std::vector<std::string> text_files;  // a text source ...
+  std::string split = "paragraph";
+  double eval_fraction = 0.01;
+  std::string task;  // ... or a synthetic task
+  nlohmann::json task_options;
+  double weight = 1.0;
+};
+
+// One phase of the crossbatch schedule: memory layers see `range` earlier entries (d = range + 1
+// contexts) until the phase has run `steps` steps or the training accuracy (mean of the last
+// accuracy_window steps) reaches until_accuracy, whichever comes first; the last phase never ends.
+struct Phase {
+  int range = 0;
+  int64_t steps = 0;            // 0 = no step limit
+  double until_accuracy = 0.0;  // 0 = no accuracy target
+};
+
+struct TrainConfig {
+  std::string source;        // the file it came from (for messages)
+  nlohmann::json raw;        // as read, stored in checkpoints
+  bool has_model = false;    // "model": a shape for a fresh random model
+  ModelConfig model;         // the resolved model config (after applying "init")
+  std::string init;          // "init": a model directory to fine-tune
+  nlohmann::json model_overrides;
+
+  std::string tokenizer;
+  std::vector<SourceConfig> sources;
+
+  int seq_len = 0;
+  int batch_size = 8;        // entries (sequences of seq_len tokens) per optimizer step
+  int micro_batch_size = 0;  // entries per forward/backward (0 = batch_size)
+  int pack_size = 1;         // k
+  bool stepping = true;
+  std::vector<Phase> schedule = {Phase{}};
+  int accuracy_window = 10;
+
+  OptimizerConfig optimizer;
+  int64_t steps = 100;
+
+  int64_t eval_interval = 0;  // 0 = only at the end
+  int eval_batches = 1;
+  int eval_range = -1;        // -1: pack_size - 1 (each chunk sees all earlier chunks of its pack)
+  bool eval_stepping = false;
+  bool eval_negatives = false;
+
+  int64_t checkpoint_interval = 0;  // 0 = only at the end
+  int keep_checkpoints = 1;
+  std::string output;
+  bool save_bf16 = false;
+  uint64_t seed = 0;
+  int threads = 0;  // 0 = OpenMP default
+  int64_t log_interval = 1;  // 0 = no per-step lines
+
+  static TrainConfig from_file(const std::string& path);
+  // Relative paths are resolved against base_dir (the directory of the TRAIN.json file).
+  static TrainConfig from_json(const nlohmann::json& j, const std::string& source, const std::string& base_dir);
+};
+
+// Fields of the raw config that must not change when a run is resumed.
+std::vector<std::string> resume_sensitive_fields();
+
+}  // namespace ll::train

@@ -1,0 +1,338 @@
+#include "train/trainer.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "train/checkpoint.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+
+namespace ll::train {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+std::string fmt_duration(double s) {
+  char buf[32];
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", int(s) / 60, int(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%dh%02dm", int(s) / 3600, (int(s) / 60) % 60);
+  return buf;
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error("tokenizer '" + path + "': cannot open");
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+void check_same_shape(const ModelConfig& a, const ModelConfig& b, const std::string& where) {
+  auto same = [&](const char* field, long x, long y) {
+    if (x != y)
+      throw Error(where + ": model." + field + " = " + std::to_string(y) + " differs from the init model's " +
+                  std::to_string(x) + " (the weights have that shape)");
+  };
+  same("vocab_size", a.vocab_size, b.vocab_size);
+  same("hidden_size", a.hidden_size, b.hidden_size);
+  same("intermediate_size", a.intermediate_size, b.intermediate_size);
+  same("num_hidden_layers", a.num_hidden_layers, b.num_hidden_layers);
+  same("num_attention_heads", a.num_attention_heads, b.num_attention_heads);
+  same("tie_word_embeddings", a.tie_word_embeddings, b.tie_word_embeddings);
+}
+
+}  // namespace
+
+Trainer::Trainer(TrainConfig cfg, bool resume, Log log)
+    : cfg_(std::move(cfg)),
+      log_(std::move(log)),
+      net_(cfg_.model, cfg_.seq_len),
+      adam_(cfg_.optimizer, net_.layout()) {
+  if (cfg_.threads > 0) {
+    omp_set_num_threads(cfg_.threads);
+    openblas_set_num_threads(cfg_.threads);
+  }
+  const ParamLayout& L = net_.layout();
+  grads_.assign(L.total, 0.0f);
+  if (!cfg_.init.empty()) {
+    const Model init = Model::load(cfg_.init);
+    check_same_shape(init.config, cfg_.model, cfg_.source);
+    params_ = flatten(init, L);
+    if (cfg_.tokenizer.empty() && !init.tokenizer_path.empty()) cfg_.tokenizer = init.tokenizer_path;
+  } else {
+    params_ = flatten(Model::random(cfg_.model, cfg_.seed), L);
+  }
+  build_data();
+
+  const fs::path ckroot = fs::path(cfg_.output) / "checkpoints";
+  const auto latest = latest_checkpoint(ckroot.string());
+  if (resume) {
+    if (!latest) throw Error(ckroot.string() + ": no checkpoint to resume from");
+    restore(*latest);
+  } else if (latest) {
+    throw Error(cfg_.output + ": already holds checkpoints (" + *latest +
+                "); pass --resume to continue that run, or choose another output directory");
+  }
+}
+
+void Trainer::build_data() {
+  std::unique_ptr<Tokenizer> tok;
+  if (!cfg_.tokenizer.empty()) {
+    tokenizer_bytes_ = read_bytes(cfg_.tokenizer);
+    tok = std::make_unique<Tokenizer>(cfg_.tokenizer);
+  }
+  auto train = std::make_shared<MixtureSource>(), eval = std::make_shared<MixtureSource>();
+  for (size_t i = 0; i < cfg_.sources.size(); ++i) {
+    const SourceConfig& s = cfg_.sources[i];
+    const std::string where = cfg_.source + ": data.sources[" + std::to_string(i) + "]";
+    if (!s.text_files.empty()) {
+      if (!tok) throw Error(where + ": a text source needs data.tokenizer (or an init model with tokenizer.model)");
+      auto corpus = std::make_shared<TextCorpus>(s.text_files, s.split, *tok, s.eval_fraction, mix_seed(cfg_.seed, i));
+      train->add(std::make_shared<TextSource>(corpus, false), s.weight);
+      eval->add(std::make_shared<TextSource>(corpus, true), s.weight);
+      log("data: " + std::to_string(corpus->train().size()) + " training documents (" +
+          std::to_string(corpus->train_tokens()) + " tokens), " + std::to_string(corpus->eval().size()) +
+          " held out");
+    } else {
+      std::shared_ptr<const DocumentSource> task = make_task(s.task, s.task_options, tok.get(), where);
+      train->add(task, s.weight);
+      eval->add(task, s.weight);  // evaluation draws other documents (another seed)
+    }
+  }
+  if (train->vocab_needed() > cfg_.model.vocab_size)
+    throw Error(cfg_.source + ": the data needs vocab_size >= " + std::to_string(train->vocab_needed()) +
+                ", the model has " + std::to_string(cfg_.model.vocab_size));
+  train_src_ = train;
+  eval_src_ = eval;
+  stream_ = std::make_unique<PackedStreams>(train_src_, cfg_.seed, cfg_.batch_size / cfg_.pack_size, cfg_.pack_size,
+                                            cfg_.seq_len);
+}
+
+void Trainer::restore(const std::string& dir) {
+  CheckpointData ck = load_checkpoint(dir);
+  const nlohmann::json& st = ck.state;
+  for (const auto& field : resume_sensitive_fields()) {
+    const auto a = st.at("config").value(field, nlohmann::json()), b = cfg_.raw.value(field, nlohmann::json());
+    if (a != b)
+      throw Error(cfg_.source + ": field '" + field + "' differs from the run in " + dir +
+                  " (a resumed run must use the same settings)");
+  }
+  check_same_shape(ck.model.config, cfg_.model, dir);
+  params_ = flatten(ck.model, net_.layout());
+  if (ck.adam_m.size() != params_.size() || ck.adam_v.size() != params_.size())
+    throw Error(dir + ": optimizer state does not match the model");
+  adam_.m = std::move(ck.adam_m);
+  adam_.v = std::move(ck.adam_v);
+  step_ = st.at("step").get<int64_t>();
+  phase_ = st.at("phase").get<size_t>();
+  phase_start_ = st.at("phase_start").get<int64_t>();
+  if (phase_ >= cfg_.schedule.size()) throw Error(dir + ": schedule phase out of range");
+  recent_accuracy_.clear();
+  for (double a : st.at("recent_accuracy")) recent_accuracy_.push_back(a);
+  stream_->restore(st.at("data"));
+  log("resumed from " + dir + " at step " + std::to_string(step_));
+}
+
+void Trainer::log(const std::string& line) const {
+  if (log_) log_(line);
+}
+
+void Trainer::log_json(const nlohmann::json& j) const {
+  fs::create_directories(cfg_.output);
+  std::ofstream f(fs::path(cfg_.output) / "log.jsonl", std::ios::app);
+  f << j.dump() << "\n";
+}
+
+void Trainer::advance_schedule(double accuracy) {
+  recent_accuracy_.push_back(accuracy);
+  while (int(recent_accuracy_.size()) > cfg_.accuracy_window) recent_accuracy_.pop_front();
+  if (phase_ + 1 >= cfg_.schedule.size()) return;
+  const Phase& ph = cfg_.schedule[phase_];
+  bool done = ph.steps > 0 && step_ - phase_start_ >= ph.steps;
+  if (ph.until_accuracy > 0 && int(recent_accuracy_.size()) == cfg_.accuracy_window) {
+    double mean = 0;
+    for (double a : recent_accuracy_) mean += a;
+    done = done || mean / double(recent_accuracy_.size()) >= ph.until_accuracy;
+  }
+  if (!done) return;
+  ++phase_;
+  phase_start_ = step_;
+  recent_accuracy_.clear();
+  log("step " + std::to_string(step_) + ": crossbatch phase " + std::to_string(phase_) + ", cross_batch_range " +
+      std::to_string(cfg_.schedule[phase_].range) + " (d = " + std::to_string(cfg_.schedule[phase_].range + 1) + ")");
+}
+
+StepStats Trainer::step() {
+  const auto t0 = clock_type::now();
+  const int S = cfg_.seq_len, B = cfg_.batch_size, mb = cfg_.micro_batch_size;
+  const CrossBatch cb{cfg_.pack_size, current_range(), cfg_.stepping, true};
+  stream_->next(inputs_, targets_, mask_);
+  std::fill(grads_.begin(), grads_.end(), 0.0f);
+  double loss_sum = 0;
+  int64_t correct = 0, counted = 0;
+  for (int m = 0; m < B; m += mb) {
+    const size_t at = size_t(m) * S;
+    net_.forward(params_.data(), inputs_.data() + at, mb, cb);
+    const CEStats st = net_.backward(params_.data(), targets_.data() + at, mask_.data() + at, 1.0f / float(B),
+                                     grads_.data());
+    loss_sum += st.loss_sum;
+    correct += st.correct;
+    counted += st.counted;
+  }
+  StepStats s;
+  s.range = cb.range;
+  s.lr = learning_rate(cfg_.optimizer, step_ + 1, cfg_.steps);
+  s.grad_norm = adam_.update(params_.data(), grads_.data(), step_ + 1, s.lr);
+  ++step_;
+  s.step = step_;
+  s.loss = loss_sum / B;
+  s.accuracy = counted ? double(correct) / double(counted) : 0.0;
+  s.tokens = int64_t(B) * S;
+  advance_schedule(s.accuracy);
+  s.seconds = seconds_since(t0);
+  return s;
+}
+
+EvalStats Trainer::evaluate() {
+  const int S = cfg_.seq_len, B = cfg_.batch_size, mb = cfg_.micro_batch_size;
+  const CrossBatch cb{cfg_.pack_size, cfg_.eval_range, cfg_.eval_stepping, cfg_.eval_negatives};
+  PackedStreams es(eval_src_, mix_seed(cfg_.seed, 0xE7A1), B / cfg_.pack_size, cfg_.pack_size, S);
+  std::vector<int> in, tg;
+  std::vector<uint8_t> mk;
+  double loss_sum = 0;
+  int64_t correct = 0, counted = 0, entries = 0;
+  for (int i = 0; i < cfg_.eval_batches; ++i) {
+    es.next(in, tg, mk);
+    for (int m = 0; m < B; m += mb) {
+      const size_t at = size_t(m) * S;
+      net_.forward(params_.data(), in.data() + at, mb, cb);
+      const CEStats st = net_.loss(tg.data() + at, mk.data() + at);
+      loss_sum += st.loss_sum;
+      correct += st.correct;
+      counted += st.counted;
+      entries += mb;
+    }
+  }
+  EvalStats e;
+  e.loss = entries ? loss_sum / double(entries) : 0.0;
+  e.accuracy = counted ? double(correct) / double(counted) : 0.0;
+  e.tokens = entries * S;
+  return e;
+}
+
+Model Trainer::model() const {
+  Model m = unflatten(params_.data(), cfg_.model, net_.layout());
+  return m;
+}
+
+std::string Trainer::save_checkpoint() {
+  CheckpointData ck;
+  ck.model = model();
+  ck.adam_m = adam_.m;
+  ck.adam_v = adam_.v;
+  ck.tokenizer_bytes = tokenizer_bytes_;
+  ck.state = {{"step", step_},
+              {"phase", phase_},
+              {"phase_start", phase_start_},
+              {"recent_accuracy", recent_accuracy_},
+              {"data", stream_->state()},
+              {"config", cfg_.raw}};
+  return ll::train::save_checkpoint((fs::path(cfg_.output) / "checkpoints").string(), step_, ck, cfg_.keep_checkpoints);
+}
+
+void Trainer::run(int64_t stop_after) {
+  fs::create_directories(cfg_.output);
+  const int64_t first = step_;
+  const auto t0 = clock_type::now();
+  auto last_log = t0;
+  int64_t tokens_since = 0;
+  auto do_eval = [&] {
+    if (cfg_.eval_batches <= 0) return;
+    const EvalStats e = evaluate();
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "eval step %lld: loss %.4f | acc %.4f | %lld tokens, cross_batch_range %d",
+                  (long long)step_, e.loss, e.accuracy, (long long)e.tokens, cfg_.eval_range);
+    log(buf);
+    log_json({{"step", step_}, {"eval_loss", e.loss}, {"eval_accuracy", e.accuracy}});
+  };
+  if (step_ == 0) do_eval();  // the starting point
+  while (step_ < cfg_.steps) {
+    const StepStats s = step();
+    tokens_since += s.tokens;
+    if (cfg_.log_interval > 0 && (step_ % cfg_.log_interval == 0 || step_ == cfg_.steps)) {
+      const double dt = seconds_since(last_log), total = seconds_since(t0);
+      const double eta = total / double(step_ - first) * double(cfg_.steps - step_);
+      char buf[256];
+      std::snprintf(buf, sizeof buf,
+                    "step %lld/%lld | loss %.4f | acc %.4f | r %d | lr %.2e | |g| %.3f | %.0f tok/s | ETA %s",
+                    (long long)step_, (long long)cfg_.steps, s.loss, s.accuracy, s.range, s.lr, s.grad_norm,
+                    double(tokens_since) / dt, fmt_duration(eta).c_str());
+      log(buf);
+      log_json({{"step", step_}, {"loss", s.loss}, {"accuracy", s.accuracy}, {"range", s.range}, {"lr", s.lr},
+                {"grad_norm", s.grad_norm}, {"tokens_per_s", double(tokens_since) / dt}});
+      last_log = clock_type::now();
+      tokens_since = 0;
+    }
+    const bool stopping = stop_after > 0 && step_ >= stop_after;
+    if (cfg_.eval_interval > 0 && step_ % cfg_.eval_interval == 0 && step_ < cfg_.steps) do_eval();
+    if ((cfg_.checkpoint_interval > 0 && step_ % cfg_.checkpoint_interval == 0) || step_ == cfg_.steps || stopping)
+      log("checkpoint: " + save_checkpoint());
+    if (stopping && step_ < cfg_.steps) return;
+  }
+  do_eval();
+  const std::string out = (fs::path(cfg_.output) / "model").string();
+  save_model_dir(out, model(), cfg_.save_bf16, tokenizer_bytes_);
+  log("model: " + out);
+}
+
+double train_flops_per_token(const ModelConfig& c, int S, int micro_batch, const CrossBatch& cb) {
+  const double d = c.hidden_size, f = c.intermediate_size;
+  const double matmul_params = c.num_hidden_layers * (4 * d * d + 3 * d * f) + double(c.vocab_size) * d;
+  double keys = 0;  // useful (unmasked) keys summed over all queries of the micro-batch, all layers
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const int r = c.is_mem_layer(l) ? cb.range : 0;
+    CrossBatch lcb = cb;
+    lcb.range = r;
+    for (int b = 0; b < micro_batch; ++b) keys += double(S) * (S + 1) / 2 + double(lcb.contexts(b) - 1) * S * S;
+  }
+  // q·k and p·v: 4·d flops per (query, key) forward, twice that backward
+  return 6 * matmul_params + 12 * d * keys / (double(S) * micro_batch);
+}
+
+BenchReport Trainer::bench(int steps) {
+  BenchReport r;
+  r.params = params_.size();
+  const CrossBatch cb{cfg_.pack_size, current_range(), cfg_.stepping, true};
+  r.flops_per_token = train_flops_per_token(cfg_.model, cfg_.seq_len, cfg_.micro_batch_size, cb);
+  step();  // warm-up: allocations, page faults
+  const auto t0 = clock_type::now();
+  for (int i = 0; i < steps; ++i) r.tokens += step().tokens;
+  r.seconds = seconds_since(t0);
+  r.steps = steps;
+  r.tokens_per_s = double(r.tokens) / r.seconds;
+  r.train_gflops = r.tokens_per_s * r.flops_per_token / 1e9;
+  // Peak reference: a large square sgemm, best of a few runs, same threads.
+  const int n = 1536;
+  std::vector<float> a(size_t(n) * n, 0.5f), b(size_t(n) * n, 0.25f), c(size_t(n) * n);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const auto s0 = clock_type::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    best = std::min(best, seconds_since(s0));
+  }
+  r.sgemm_gflops = 2.0 * n * n * n / best / 1e9;
+  return r;
+}
+
+}  // namespace ll::train

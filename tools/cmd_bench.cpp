@@ -1,0 +1,167 @@
+// bench: prompt processing and token generation speed, in the spirit of llama-bench, with this
+// machine's limits (memory bandwidth, sgemm FLOP/s) measured in the same run.
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "cli.h"
+#include "model/session.h"
+#include "ops/quant.h"
+#include "perf/machine.h"
+#include "util/error.h"
+
+namespace cli {
+
+namespace {
+
+struct BenchArgs {
+  std::string model, random_config;
+  LoadFlags load;
+  int pp = 512, tg = 128, threads = 0;
+  std::vector<int64_t> memory_tokens;
+  bool json = false;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::vector<int> random_ids(int n, int vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int> ids(n);
+  for (int& t : ids) t = int(rng() % uint64_t(vocab));
+  return ids;
+}
+
+// Tokens/s decoding n tokens one at a time from the session's current state.
+double decode_rate(ll::Session& s, int n, int vocab) {
+  const std::vector<int> ids = random_ids(n + 1, vocab, 7);
+  s.forward({ids[0]}, true, ll::LogitsWanted::Last);  // warm-up step, not timed
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 1; i <= n; ++i) s.forward({ids[i]}, true, ll::LogitsWanted::Last);
+  return n / seconds_since(t0);
+}
+
+int run_bench(const BenchArgs& a) {
+  if (a.model.empty() == a.random_config.empty()) throw ll::Error("bench: give exactly one of -m MODEL or --random CONFIG");
+  if (a.threads > 0) omp_set_num_threads(a.threads);
+  const int threads = omp_get_max_threads();
+  std::fprintf(stderr, "bench: loading...\n");
+  const auto tl = std::chrono::steady_clock::now();
+  const ll::Weights w = a.model.empty() ? ll::Weights::random(ll::ModelConfig::from_file(a.random_config),
+                                                               a.load.type.empty() ? ll::DType::F16 : ll::parse_weight_type(a.load.type), 1)
+                                        : load_model(a.model, a.load);
+  const double load_s = seconds_since(tl);
+  const ll::ModelConfig& c = w.config;
+
+  std::fprintf(stderr, "bench: measuring memory bandwidth and sgemm...\n");
+  const double bw = ll::measure_read_bandwidth();
+  const double sgemm = ll::measure_sgemm_flops();
+
+  // Bytes one decoded token streams: every matrix except the embedding (one row of it is read).
+  const size_t embed_bytes = ll::row_bytes(w.embed.ref.type, w.embed.ref.cols) * size_t(w.embed.ref.rows);
+  const size_t decode_bytes = w.matrix_bytes() - (w.lm_head.ref.data == w.embed.ref.data ? 0 : embed_bytes);
+  const double matrix_params = double(decode_bytes) / ll::row_bytes(w.main_type(), c.hidden_size) * c.hidden_size;
+
+  std::fprintf(stderr, "bench: pp%d...\n", a.pp);
+  double pp_rate = 0.0;
+  {
+    ll::Session s(w);
+    const auto ids = random_ids(a.pp, c.vocab_size, 1);
+    const auto t0 = std::chrono::steady_clock::now();
+    s.forward(ids, true, ll::LogitsWanted::Last);
+    pp_rate = a.pp / seconds_since(t0);
+  }
+  // Forward FLOPs of one prompt token: 2 per matrix parameter plus causal attention (q·k and p·v).
+  const double attn_flops = 2.0 * 2.0 * c.hidden_size * c.num_hidden_layers * (a.pp / 2.0);
+  const double pp_flops = pp_rate * (2.0 * matrix_params + attn_flops);
+
+  std::fprintf(stderr, "bench: tg%d...\n", a.tg);
+  double tg_rate = 0.0;
+  {
+    ll::Session s(w);
+    tg_rate = decode_rate(s, a.tg, c.vocab_size);
+  }
+  const double tg_bw = tg_rate * double(decode_bytes);
+
+  nlohmann::json mem_rows = nlohmann::json::array();
+  for (int64_t m : a.memory_tokens) {
+    if (c.mem_layers.empty()) throw ll::Error("bench: --memory-tokens needs a model with memory layers");
+    std::fprintf(stderr, "bench: tg%d with %lld tokens in memory...\n", a.tg, (long long)m);
+    ll::Session s(w);
+    s.fill_memory_random(m, 3);
+    const double rate = decode_rate(s, a.tg, c.vocab_size);
+    const double extra_s = 1.0 / rate - 1.0 / tg_rate;
+    const double mem_bytes = double(s.memory_bytes());
+    const double read_s = mem_bytes / bw;
+    mem_rows.push_back({{"memory_tokens", m},
+                        {"tg_tokens_per_s", rate},
+                        {"memory_bytes", mem_bytes},
+                        {"extra_seconds_per_token", extra_s},
+                        {"memory_read_seconds_at_bandwidth", read_s},
+                        {"extra_over_read_time", extra_s / read_s}});
+  }
+
+  const size_t rss = ll::peak_rss_bytes();
+  const std::string type = ll::dtype_name(w.main_type());
+  nlohmann::json j = {{"model", a.model.empty() ? a.random_config : a.model},
+                      {"type", type},
+                      {"threads", threads},
+                      {"load_seconds", load_s},
+                      {"model_bytes", w.matrix_bytes()},
+                      {"decode_bytes_per_token", decode_bytes},
+                      {"pp", a.pp},
+                      {"tg", a.tg},
+                      {"pp_tokens_per_s", pp_rate},
+                      {"pp_flops_per_s", pp_flops},
+                      {"pp_fraction_of_sgemm", pp_flops / sgemm},
+                      {"tg_tokens_per_s", tg_rate},
+                      {"tg_bytes_per_s", tg_bw},
+                      {"tg_fraction_of_bandwidth", tg_bw / bw},
+                      {"memory", mem_rows},
+                      {"peak_rss_bytes", rss},
+                      {"bandwidth_bytes_per_s", bw},
+                      {"sgemm_flops_per_s", sgemm}};
+  if (a.json) {
+    std::cout << j.dump(2) << std::endl;
+    return 0;
+  }
+  std::printf("machine: read bandwidth %.1f GB/s, sgemm %.1f GFLOP/s (%d threads, measured now)\n", bw / 1e9,
+              sgemm / 1e9, threads);
+  std::printf("model: %s, %s, %.2f GB of matrices, loaded in %.2f s, peak RSS %.2f GB\n\n",
+              j["model"].get<std::string>().c_str(), type.c_str(), w.matrix_bytes() / 1e9, load_s, rss / 1e9);
+  std::printf("| test            |      t/s | implied           | of the limit |\n");
+  std::printf("| --------------- | -------: | ----------------- | -----------: |\n");
+  std::printf("| pp%-13d | %8.2f | %6.1f GFLOP/s    | %5.1f%% sgemm |\n", a.pp, pp_rate, pp_flops / 1e9,
+              100.0 * pp_flops / sgemm);
+  std::printf("| tg%-13d | %8.2f | %6.1f GB/s       | %5.1f%% bw    |\n", a.tg, tg_rate, tg_bw / 1e9,
+              100.0 * tg_bw / bw);
+  for (const auto& r : mem_rows)
+    std::printf("| tg%d @ mem %-6lld | %8.2f | +%.1f ms/token    | %5.2fx read  |\n", a.tg,
+                (long long)r["memory_tokens"].get<int64_t>(), r["tg_tokens_per_s"].get<double>(),
+                1e3 * r["extra_seconds_per_token"].get<double>(), r["extra_over_read_time"].get<double>());
+  return 0;
+}
+
+}  // namespace
+
+void add_bench_commands(CLI::App& app, Commands& out) {
+  auto a = std::make_shared<BenchArgs>();
+  auto* b = app.add_subcommand("bench", "Prompt processing and generation speed against this machine's limits");
+  b->add_option("-m,--model", a->model, "Model directory or .gguf file");
+  b->add_option("--random", a->random_config, "Benchmark random weights of this config.json shape instead");
+  b->add_option("-p,--n-prompt", a->pp, "Prompt tokens (pp)")->capture_default_str();
+  b->add_option("-n,--n-gen", a->tg, "Generated tokens (tg)")->capture_default_str();
+  b->add_option("--memory-tokens", a->memory_tokens, "Also time tg with this many tokens in memory (repeatable)");
+  b->add_option("-t,--threads", a->threads, "Threads (default: all cores)");
+  b->add_flag("--json", a->json, "Print one JSON object");
+  a->load.add(b);
+  out.push_back({b, [a] { return run_bench(*a); }});
+}
+
+}  // namespace cli
