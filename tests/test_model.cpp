@@ -248,3 +248,26 @@ TEST(Config, DefaultsAndErrors) {
   expect_error(R"({"rope_scaling": {"type": "linear"}})", "rope_scaling");
   expect_error(R"({"hidden_size": "big"})", "hidden_size");
 }
+
+// Ingesting without logits skips what cannot matter (layers above the last memory layer, and its
+// attention, in windows that go to memory): the memory and everything after must be identical
+// to the full computation.
+TEST(Session, IngestWithoutLogitsIsExact) {
+  for (std::vector<int> mem_layers : {std::vector<int>{1}, std::vector<int>{0, 2}, std::vector<int>{2}}) {
+    ModelConfig c = tiny_config();
+    c.mem_layers = mem_layers;
+    const Model m = Model::random(c, 11);
+    std::mt19937 rng(12);
+    std::vector<int> doc(700);
+    for (int& t : doc) t = int(rng() % 97);
+    Session fast(m), full(m);
+    fast.forward(doc, true, LogitsWanted::None);
+    full.forward(doc, true, LogitsWanted::All);
+    for (int l : mem_layers) EXPECT_EQ(fast.memory_length(l), full.memory_length(l));
+    for (int i = 0; i < 40; ++i) {  // decoding crosses a flush, so memory and local cache are both used
+      const auto a = fast.forward({i % 97}, true, LogitsWanted::Last);
+      const auto b = full.forward({i % 97}, true, LogitsWanted::Last);
+      ASSERT_EQ(a, b) << "step " << i;
+    }
+  }
+}

@@ -51,6 +51,7 @@ void LoadFlags::add(CLI::App* app) {
   app->add_option("--type", type, "Convert weights at load: f32, f16, bf16, q8_0, q4_0");
   app->add_flag("--no-mmap", no_mmap, "Copy a .gguf model into RAM instead of reading it through mmap");
   app->add_option("--last-context-length", last_context_length, "Override last_context_length");
+  app->add_option("--mem-type", mem_type, "Store memory keys/values as bfloat16, float16 or float32 (default: mem_dtype)");
 }
 
 ll::Weights load_model(const std::string& path, const LoadFlags& flags) {
@@ -58,6 +59,7 @@ ll::Weights load_model(const std::string& path, const LoadFlags& flags) {
   if (!flags.type.empty()) type = ll::parse_weight_type(flags.type);
   ll::Weights w = ll::Weights::load(path, type, !flags.no_mmap);
   if (flags.last_context_length >= 0) w.config.last_context_length = flags.last_context_length;
+  if (!flags.mem_type.empty()) w.config.mem_dtype = ll::parse_mem_dtype(flags.mem_type, "--mem-type");
   return w;
 }
 

@@ -53,6 +53,7 @@ ll::Tokenizer open_tokenizer(const std::string& path);
 struct LoadFlags {
   std::string type;  // "" = as stored (float32 for a model directory)
   bool no_mmap = false;
+  std::string mem_type;  // "" = the config's mem_dtype; else bfloat16 | float16 | float32
   int last_context_length = -1;  // >= 0 overrides the config, as forward(..., last_context_length=N)
   void add(CLI::App* app);
 };

@@ -53,9 +53,10 @@ int run_bench(const BenchArgs& a) {
   const int threads = omp_get_max_threads();
   std::fprintf(stderr, "bench: loading...\n");
   const auto tl = std::chrono::steady_clock::now();
-  const ll::Weights w = a.model.empty() ? ll::Weights::random(ll::ModelConfig::from_file(a.random_config),
-                                                               a.load.type.empty() ? ll::DType::F16 : ll::parse_weight_type(a.load.type), 1)
-                                        : load_model(a.model, a.load);
+  ll::Weights w = a.model.empty() ? ll::Weights::random(ll::ModelConfig::from_file(a.random_config),
+                                                         a.load.type.empty() ? ll::DType::F16 : ll::parse_weight_type(a.load.type), 1)
+                                  : load_model(a.model, a.load);
+  if (!a.load.mem_type.empty()) w.config.mem_dtype = ll::parse_mem_dtype(a.load.mem_type, "--mem-type");
   const double load_s = seconds_since(tl);
   const ll::ModelConfig& c = w.config;
 

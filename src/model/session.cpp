@@ -89,12 +89,17 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
   const int64_t W = c.max_position_embeddings;
   const int64_t pre = std::max<int64_t>(T - c.last_context_length, 0);
   const bool window_cache = local_n_ > 0 ? use_cache : false;
+  // A window that goes to memory without a cache leaves nothing behind but the memory layers'
+  // keys/values; when its logits are not wanted, layers above the last memory layer and that
+  // layer's attention cannot change anything, so they are skipped (exact, and it makes ingestion
+  // linear in the input for a model with one memory layer).
+  const bool kv_only = !window_cache && which != LogitsWanted::All && !c.mem_layers.empty();
   auto run = [&](int64_t begin, int64_t end, bool cache, bool final) {
     float* out = nullptr;
     if (which == LogitsWanted::All) out = logits.data() + size_t(begin) * c.vocab_size;
     if (which == LogitsWanted::Last && final) out = logits.data();
     run_chunk(ids.data() + begin, int(end - begin), cache, which == LogitsWanted::All,
-              which == LogitsWanted::Last && final, out);
+              which == LogitsWanted::Last && final, out, kv_only && !final);
     if (progress) progress(end, T);
   };
   for (int64_t s = 0; s < pre; s += W) run(s, std::min(pre, s + W), window_cache, false);
@@ -102,7 +107,8 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
   return logits;
 }
 
-void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, bool last_logit, float* logits) {
+void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, bool last_logit, float* logits,
+                        bool kv_only) {
   const Weights& w = *w_;
   const ModelConfig& c = w.config;
   const int d = c.hidden_size, f = c.intermediate_size;
@@ -117,10 +123,18 @@ void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, 
   std::vector<float> gate(size_t(q) * f), up(size_t(q) * f);
   for (int i = 0; i < q; ++i) w.embed_row(ids[i], &x[size_t(i) * d]);
 
+  const int last_mem = c.mem_layers.empty() ? -1 : *std::max_element(c.mem_layers.begin(), c.mem_layers.end());
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeightsT& L = w.layers[l];
     const bool is_mem = c.is_mem_layer(l);
     rmsnorm(x.data(), L.attn_norm.data(), q, d, c.rms_norm_eps, xn.data());
+    if (kv_only && l == last_mem) {  // only this layer's keys/values matter (see forward)
+      matmul(L.wk.ref, xn.data(), q, K.data());
+      matmul(L.wv.ref, xn.data(), q, Vv.data());
+      memory_[l]->append(K.data(), Vv.data(), q, d);
+      tokens_seen_ += q;
+      return;
+    }
     matmul(L.wq.ref, xn.data(), q, Q.data());
     matmul(L.wk.ref, xn.data(), q, K.data());
     matmul(L.wv.ref, xn.data(), q, Vv.data());

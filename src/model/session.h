@@ -59,7 +59,8 @@ class Session {
     // are kept un-rotated for the flush into memory.
     std::vector<std::vector<float>> k_rot, k_raw, v;
   };
-  void run_chunk(const int* ids, int q, bool use_cache, bool all_logits, bool last_logit, float* logits);
+  void run_chunk(const int* ids, int q, bool use_cache, bool all_logits, bool last_logit, float* logits,
+                 bool kv_only = false);
   void attention(int layer, const float* Q, const float* K, const float* V, int q, int n_keep,
                  bool use_cache, float* out);
 

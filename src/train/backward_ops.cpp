@@ -12,17 +12,32 @@ namespace ll::train {
 constexpr int64_t kParallelWork = 1 << 15;
 
 template <>
-void gemm<float>(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
+void gemm_serial<float>(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
                  int ldb, float beta, float* C, int ldc) {
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
               B, ldb, beta, C, ldc);
 }
 
 template <>
-void gemm<double>(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
+void gemm_serial<double>(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
                   int ldb, double beta, double* C, int ldc) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
               B, ldb, beta, C, ldc);
+}
+
+template <typename T>
+void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
+          int ldc) {
+  // Below this OpenBLAS runs single-threaded anyway (its SMP threshold for gemm).
+  if (double(M) * N * K <= 262144.0) return gemm_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  const int tile = std::min(256, std::max(16, (M + 8 * 16 - 1) / (8 * 16) * 16));  // ~8 tiles, from the shape only
+  const int tiles = (M + tile - 1) / tile;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int t = 0; t < tiles; ++t) {
+    const int r0 = t * tile, rows = std::min(tile, M - r0);
+    const T* a = ta ? A + r0 : A + int64_t(r0) * lda;  // rows of op(A) = columns of A when transposed
+    gemm_serial(ta, tb, rows, N, K, alpha, a, lda, B, ldb, beta, C + int64_t(r0) * ldc, ldc);
+  }
 }
 
 template <typename T>
@@ -134,18 +149,18 @@ void rope_bwd(T* dx, int n, int ld, int H, const Rope<T>& rope, int period) {
 
 template <typename T>
 void swiglu_fwd(const T* g, const T* u, int64_t n, T* a) {
-#pragma omp parallel for schedule(static) if (n > kParallelWork)
+#pragma omp parallel for simd schedule(static) if (n > kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
-    const T s = T(1) / (T(1) + std::exp(-g[i]));
+    const T s = T(1) / (T(1) + fast_exp(-g[i]));
     a[i] = g[i] * s * u[i];
   }
 }
 
 template <typename T>
 void swiglu_bwd(const T* g, const T* u, const T* da, int64_t n, T* dg, T* du) {
-#pragma omp parallel for schedule(static) if (n > kParallelWork)
+#pragma omp parallel for simd schedule(static) if (n > kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
-    const T s = T(1) / (T(1) + std::exp(-g[i]));
+    const T s = T(1) / (T(1) + fast_exp(-g[i]));
     const T silu = g[i] * s;
     const T dsilu = s * (T(1) + g[i] * (T(1) - s));
     const T d = da[i];
@@ -173,17 +188,22 @@ CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const u
     T mx = l[0];
     for (int j = 1; j < V; ++j)
       if (l[j] > mx) mx = l[j], arg = j;
-    T sum = 0;
-    for (int j = 0; j < V; ++j) sum += std::exp(l[j] - mx);
-    const T lse = mx + std::log(sum);
     const int t = targets[i];
-    nll[i] = double(lse - l[t]);
+    const T lt = l[t];  // read before g (which may alias l) is written
     hit[i] = arg == t;
+    T sum = 0;
     if (g) {
-      const T scale = grad_scale / T(count[i / S]);
-      for (int j = 0; j < V; ++j) g[j] = scale * std::exp(l[j] - lse);  // reads l[j] before writing g[j]
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < V; ++j) sum += (g[j] = fast_exp(l[j] - mx));
+      const T scale = grad_scale / T(count[i / S]), k = scale / sum;
+#pragma omp simd
+      for (int j = 0; j < V; ++j) g[j] *= k;
       g[t] -= scale;
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < V; ++j) sum += fast_exp(l[j] - mx);
     }
+    nll[i] = double(mx + std::log(sum) - lt);
   }
   CEStats st;
   for (int b = 0; b < n / S; ++b) {
@@ -197,6 +217,7 @@ CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const u
 }
 
 #define LL_TRAIN_INSTANTIATE(T)                                                                          \
+  template void gemm<T>(bool, bool, int, int, int, T, const T*, int, const T*, int, T, T*, int);         \
   template void embedding_fwd<T>(const T*, int, const int*, int, T*);                                    \
   template void embedding_bwd<T>(const T*, int, const int*, int, T*);                                    \
   template void linear_fwd<T>(const T*, int, int, const T*, int, T*);                                    \

@@ -49,20 +49,23 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
     const T* q = Q + int64_t(b) * S * ld + h * D;
     T* p = P + off[task];
     if (c > 1)  // earlier entries' keys, un-rotated, all visible
-      gemm<T>(false, true, S, (c - 1) * S, D, scale, q, ld, Kx + first * ld + h * D, ld, T(0), p, W);
-    gemm<T>(false, true, S, S, D, scale, q, ld, Kown + int64_t(b) * S * ld + h * D, ld, T(0), p + (c - 1) * S, W);
+      gemm_serial<T>(false, true, S, (c - 1) * S, D, scale, q, ld, Kx + first * ld + h * D, ld, T(0), p, W);
+    gemm_serial<T>(false, true, S, S, D, scale, q, ld, Kown + int64_t(b) * S * ld + h * D, ld, T(0), p + (c - 1) * S, W);
     for (int i = 0; i < S; ++i) {  // one softmax over (c-1)·S cross keys + own keys 0..i
       T* row = p + int64_t(i) * W;
       const int n = (c - 1) * S + i + 1;
       T mx = row[0];
+#pragma omp simd reduction(max : mx)
       for (int j = 1; j < n; ++j) mx = std::max(mx, row[j]);
       T sum = 0;
-      for (int j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < n; ++j) sum += (row[j] = fast_exp(row[j] - mx));
       const T inv = T(1) / sum;
+#pragma omp simd
       for (int j = 0; j < n; ++j) row[j] *= inv;
       std::fill(row + n, row + W, T(0));
     }
-    gemm<T>(false, false, S, D, W, T(1), p, W, V + first * ld + h * D, ld, T(0), O + int64_t(b) * S * ld + h * D, ld);
+    gemm_serial<T>(false, false, S, D, W, T(1), p, W, V + first * ld + h * D, ld, T(0), O + int64_t(b) * S * ld + h * D, ld);
   }
 }
 
@@ -90,7 +93,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
     // while the next one does.
     for (int b = e; b < B && b - e <= cb.range; ++b)
       if (b - e < cb.contexts(b))
-        gemm<T>(true, false, S, D, S, T(1), block(P, b, h, e), cb.contexts(b) * S, rows(dO, b, h), ld,
+        gemm_serial<T>(true, false, S, D, S, T(1), block(P, b, h, e), cb.contexts(b) * S, rows(dO, b, h), ld,
                 b == e ? T(0) : T(1), dv, ld);
   }
 
@@ -102,7 +105,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
     const int64_t first = int64_t(b - c + 1) * S;
     T* p = P + off[task];
     std::vector<T> dp(size_t(S) * W);
-    gemm<T>(false, true, S, W, D, T(1), rows(dO, b, h), ld, V + first * ld + h * D, ld, T(0), dp.data(), W);
+    gemm_serial<T>(false, true, S, W, D, T(1), rows(dO, b, h), ld, V + first * ld + h * D, ld, T(0), dp.data(), W);
     for (int i = 0; i < S; ++i) {
       const T* go = rows(dO, b, h) + int64_t(i) * ld;
       const T* o = rows(O, b, h) + int64_t(i) * ld;
@@ -110,23 +113,24 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
       for (int j = 0; j < D; ++j) delta += go[j] * o[j];
       T* row = p + int64_t(i) * W;
       const T* dpr = dp.data() + int64_t(i) * W;
+#pragma omp simd
       for (int j = 0; j < W; ++j) row[j] = row[j] * (dpr[j] - delta) * scale;  // masked: P = 0 -> 0
     }
     T* dq = rows_mut(dQ, b, h);
-    gemm<T>(false, false, S, D, S, T(1), p + (c - 1) * S, W, rows(Kown, b, h), ld, T(0), dq, ld);
-    if (c > 1) gemm<T>(false, false, S, D, (c - 1) * S, T(1), p, W, Kx + first * ld + h * D, ld, T(1), dq, ld);
+    gemm_serial<T>(false, false, S, D, S, T(1), p + (c - 1) * S, W, rows(Kown, b, h), ld, T(0), dq, ld);
+    if (c > 1) gemm_serial<T>(false, false, S, D, (c - 1) * S, T(1), p, W, Kx + first * ld + h * D, ld, T(1), dq, ld);
   }
 
   // 3. dKown[e] = dS_e[:, own]ᵀ · Q_e ; dKx[e] = Σ_{b > e that see e} dS_b[:, e]ᵀ · Q_b
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < B * H; ++task) {
     const int e = task / H, h = task % H, c = cb.contexts(e);
-    gemm<T>(true, false, S, D, S, T(1), block(P, e, h, e), c * S, rows(Q, e, h), ld, T(0), rows_mut(dKown, e, h), ld);
+    gemm_serial<T>(true, false, S, D, S, T(1), block(P, e, h, e), c * S, rows(Q, e, h), ld, T(0), rows_mut(dKown, e, h), ld);
     T* dk = rows_mut(dKx, e, h);
     bool any = false;
     for (int b = e + 1; b < B && b - e <= cb.range; ++b) {
       if (b - e >= cb.contexts(b)) continue;
-      gemm<T>(true, false, S, D, S, T(1), block(P, b, h, e), cb.contexts(b) * S, rows(Q, b, h), ld,
+      gemm_serial<T>(true, false, S, D, S, T(1), block(P, b, h, e), cb.contexts(b) * S, rows(Q, b, h), ld,
               any ? T(1) : T(0), dk, ld);
       any = true;
     }
