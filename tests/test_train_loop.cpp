@@ -186,3 +186,52 @@ TEST(TrainLoop, Cli) {
   EXPECT_NE(text.find("optimizer.betas"), std::string::npos) << text;
   fs::remove_all(dir);
 }
+
+TEST(TrainLoop, FineTuneFromInitWithOverrides) {
+  const fs::path dir = temp_dir("init");
+  ModelConfig c;
+  c.vocab_size = 32;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.max_position_embeddings = 16;
+  Model::random(c, 9).save((dir / "base").string(), true);  // a plain LLaMA, bf16
+  json j = copy_run(dir / "out", 2);
+  j.erase("model");
+  j["init"] = (dir / "base").string();
+  j["model"] = {{"mem_layers", {1}}, {"last_context_length", 0}};  // turn layer 1 into a memory layer
+  Trainer t(config_of(j), false);
+  t.run();
+  const Model m = Model::load((dir / "out" / "model").string());
+  EXPECT_EQ(m.config.mem_layers, std::vector<int>{1});
+  EXPECT_EQ(m.config.hidden_size, 32);
+  j["model"] = {{"hidden_size", 64}};
+  j["output"] = (dir / "out2").string();
+  try {
+    Trainer bad(config_of(j), false);
+    ADD_FAILURE() << "a shape change must be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.hidden_size"), std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
+}
+
+TEST(TrainLoop, TextDataWithTokenizer) {
+  const fs::path tok = fs::path(LONGLLAMA_TOKENIZER_DIR) / "openllama_v2.model";
+  if (!fs::exists(tok)) GTEST_SKIP() << tok << " not found";
+  const fs::path dir = temp_dir("text");
+  json j = copy_run(dir / "out", 3);
+  j["model"]["vocab_size"] = 32000;
+  j["model"]["hidden_size"] = 16;
+  j["data"] = {{"tokenizer", tok.string()},
+               {"sources", {{{"text", {std::string(LONGLLAMA_SOURCE_DIR) + "/README.md"}}, {"split", "paragraph"},
+                             {"eval_fraction", 0.2}}}}};
+  Trainer t(config_of(j), false);
+  const EvalStats e0 = t.evaluate();
+  t.run();
+  EXPECT_NEAR(e0.loss, std::log(32000.0), 0.1);  // random init: uniform over the vocabulary
+  EXPECT_TRUE(fs::exists(dir / "out" / "model" / "tokenizer.model"));
+  EXPECT_EQ(fs::file_size(dir / "out" / "model" / "tokenizer.model"), fs::file_size(tok));
+  fs::remove_all(dir);
+}

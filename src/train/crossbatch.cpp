@@ -104,7 +104,8 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
     const int b = task / H, h = task % H, c = cb.contexts(b), W = c * S;
     const int64_t first = int64_t(b - c + 1) * S;
     T* p = P + off[task];
-    std::vector<T> dp(size_t(S) * W);
+    thread_local std::vector<T> dp;  // reused: a fresh [S x W] block per task would page-fault
+    dp.resize(size_t(S) * W);
     gemm_serial<T>(false, true, S, W, D, T(1), rows(dO, b, h), ld, V + first * ld + h * D, ld, T(0), dp.data(), W);
     for (int i = 0; i < S; ++i) {
       const T* go = rows(dO, b, h) + int64_t(i) * ld;

@@ -27,7 +27,10 @@ const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBa
   B_ = B;
   cb_ = cb;
   inputs_.assign(inputs, inputs + N);
-  std::vector<T> x(size_t(N) * d), tmp(size_t(N) * d);
+  std::vector<T>& x = x_;
+  std::vector<T>& tmp = tmp_;
+  x.resize(size_t(N) * d);
+  tmp.resize(size_t(N) * d);
   embedding_fwd(p + layout_.embed, d, inputs, N, x.data());
 
   for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -62,7 +65,7 @@ const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBa
     linear_fwd(a.A.data(), N, f, p + o.w_down, d, tmp.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] = a.x_mid[i] + tmp[i];
   }
-  x_final_ = std::move(x);
+  x_final_.swap(x);
   xf_.resize(size_t(N) * d);
   rstd_f_.resize(N);
   rmsnorm_fwd(x_final_.data(), p + layout_.final_norm, N, d, eps, xf_.data(), rstd_f_.data());
@@ -83,15 +86,18 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
             D = c.head_dim(), V = c.vocab_size;
   // dlogits overwrite the logits
   const CEStats st = cross_entropy<T>(logits_.data(), N, V, targets, mask, S, loss_scale, logits_.data());
-  std::vector<T> dx(size_t(N) * d), dxn(size_t(N) * d, T(0));
+  std::vector<T>&dx = dx_, &dxn = dxn_;
+  dx.resize(size_t(N) * d);
+  dxn.resize(size_t(N) * d);
   linear_bwd(xf_.data(), N, d, p + layout_.lm_head, V, logits_.data(), dxn.data(), false, g + layout_.lm_head);
   std::fill(dx.begin(), dx.end(), T(0));
   rmsnorm_bwd(x_final_.data(), p + layout_.final_norm, rstd_f_.data(), dxn.data(), N, d, dx.data(),
               g + layout_.final_norm);
 
-  std::vector<T> dA(size_t(N) * f), dG(size_t(N) * f), dU(size_t(N) * f);
-  std::vector<T> datt(size_t(N) * d), dQ(size_t(N) * d), dKown(size_t(N) * d), dKx(size_t(N) * d),
-      dV(size_t(N) * d);
+  std::vector<T>&dA = dA_, &dG = dG_, &dU = dU_;
+  for (auto* v : {&dA, &dG, &dU}) v->resize(size_t(N) * f);
+  std::vector<T>&datt = datt_, &dQ = dQ_, &dKown = dKown_, &dKx = dKx_, &dV = dV_;
+  for (auto* v : {&datt, &dQ, &dKown, &dKx, &dV}) v->resize(size_t(N) * d);
   for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
     const LayerOffsets& o = layout_.layers[l];
     LayerActs& a = acts_[l];

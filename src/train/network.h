@@ -49,6 +49,8 @@ class Network {
   std::vector<int> inputs_;
   std::vector<LayerActs> acts_;
   std::vector<T> x_final_, xf_, rstd_f_, logits_;
+  // Workspaces kept across calls (re-allocating them every micro-batch costs page faults).
+  std::vector<T> x_, tmp_, dx_, dxn_, datt_, dQ_, dKown_, dKx_, dV_, dA_, dG_, dU_;
 };
 
 extern template class Network<float>;
