@@ -237,8 +237,9 @@ void matvec(const MatrixRef& W, const float* x, float* y) {
   const auto* base = static_cast<const uint8_t*>(W.data);
   ActQ8 q;
   if (dtype_is_quantized(W.type)) q.quantize(x, cols);
-  // Static schedule: each thread streams one contiguous slab of the matrix.
-#pragma omp parallel for schedule(static)
+  // Chunks of 16 rows handed out dynamically: a thread that loses its core to another process
+  // does not hold the others up (a static split would wait for it).
+#pragma omp parallel for schedule(dynamic, 16)
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = base + size_t(r) * rb;
     switch (W.type) {

@@ -1,0 +1,119 @@
+// Kernel benchmarks (Google Benchmark): each of our kernels next to the library path it must
+// beat. Bytes/s counters let the numbers be read against `longllama bench`'s measured bandwidth.
+//   build/bench/bench_kernels --benchmark_filter=Matvec
+#include <benchmark/benchmark.h>
+#include <cblas.h>
+
+#include <random>
+#include <vector>
+
+#include "memory/kv_memory.h"
+#include "ops/attention.h"
+#include "ops/matmul.h"
+#include "ops/quant.h"
+#include "util/huge_alloc.h"
+
+using namespace ll;
+
+namespace {
+
+constexpr int kRows = 8640, kCols = 3200;  // LongLLaMA-3B's up/gate projection
+
+struct TestMatrix {
+  std::shared_ptr<uint8_t> mem;
+  MatrixRef ref;
+  std::vector<float> x;
+  TestMatrix(DType t, int rows, int cols) : x(size_t(cols)) {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    std::vector<float> row(static_cast<size_t>(cols));
+    mem = alloc_huge(row_bytes(t, cols) * size_t(rows));
+    for (int r = 0; r < rows; ++r) {
+      for (float& v : row) v = nd(rng);
+      quantize_row(t, row.data(), cols, mem.get() + size_t(r) * row_bytes(t, cols));
+    }
+    for (float& v : x) v = nd(rng);
+    ref = {t, rows, cols, mem.get()};
+  }
+  size_t bytes() const { return row_bytes(ref.type, ref.cols) * size_t(ref.rows); }
+};
+
+void BM_Matvec(benchmark::State& st, DType t) {
+  TestMatrix m(t, kRows, kCols);
+  std::vector<float> y(kRows);
+  for (auto _ : st) {
+    matvec(m.ref, m.x.data(), y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(m.bytes()));
+}
+
+// The library path for f32: OpenBLAS sgemv on the same matrix.
+void BM_Matvec_LibrarySgemv(benchmark::State& st) {
+  TestMatrix m(DType::F32, kRows, kCols);
+  std::vector<float> y(kRows);
+  for (auto _ : st) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, kRows, kCols, 1.0f, static_cast<const float*>(m.ref.data), kCols,
+                m.x.data(), 1, 0.0f, y.data(), 1);
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(m.bytes()));
+}
+
+// Prefill: our matmul (panel dequantization + sgemm) for n tokens; FLOP/s counter.
+void BM_Matmul(benchmark::State& st, DType t) {
+  const int n = int(st.range(0));
+  TestMatrix m(t, kRows, kCols);
+  std::vector<float> x(size_t(n) * kCols, 0.01f), y(size_t(n) * kRows);
+  for (auto _ : st) {
+    matmul(m.ref, x.data(), n, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.counters["FLOP/s"] = benchmark::Counter(2.0 * n * kRows * kCols * double(st.iterations()), benchmark::Counter::kIsRate);
+}
+
+// Decoding over memory: one query of one head against a bf16 memory of range(0) tokens through
+// HeadAttention (fused, reads bf16 directly), vs the library path (convert to f32, then sgemv for
+// the scores and for the weighted values).
+void BM_MemoryAttention(benchmark::State& st, bool library) {
+  const int n = int(st.range(0)), D = 100;
+  KVMemory mem(1, D, MemDType::BF16);
+  std::vector<float> k(size_t(KVMemory::kChunkTokens) * D, 0.01f);
+  for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, D);
+  std::vector<float> q(D, 0.1f), out(D), kf(size_t(n) * D), vf(size_t(n) * D), s(n);
+  for (auto _ : st) {
+    if (library) {
+      mem.read(0, 0, n, kf.data(), vf.data());
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, D, 0.1f, kf.data(), D, q.data(), 1, 0.0f, s.data(), 1);
+      float m = s[0], z = 0;
+      for (float v : s) m = std::max(m, v);
+      for (float& v : s) z += (v = std::exp(v - m));
+      cblas_sgemv(CblasRowMajor, CblasTrans, n, D, 1.0f / z, vf.data(), D, s.data(), 1, 0.0f, out.data(), 1);
+    } else {
+      HeadAttention att(q.data(), 1, D, D);
+      for (int64_t b = 0; b < mem.size();) {
+        const KVBlock blk = mem.block(0, b, 256);
+        att.add(blk);
+        b += blk.n;
+      }
+      att.finish(out.data(), D);
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(mem.bytes()));
+}
+
+}  // namespace
+
+BENCHMARK_CAPTURE(BM_Matvec, f32, DType::F32)->UseRealTime();
+BENCHMARK(BM_Matvec_LibrarySgemv)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, f16, DType::F16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, bf16, DType::BF16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, q8_0, DType::Q8_0)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, q4_0, DType::Q4_0)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused, false)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, library, true)->Arg(65536)->UseRealTime();
+BENCHMARK_MAIN();
