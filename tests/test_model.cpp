@@ -271,3 +271,25 @@ TEST(Session, IngestWithoutLogitsIsExact) {
     }
   }
 }
+
+// Top-k memory attention with k at least the memory size is dense attention.
+TEST(Session, TopKWithLargeKEqualsDense) {
+  const Model m = Model::random(tiny_config(), 13);
+  std::mt19937 rng(14);
+  std::vector<int> doc(300);
+  for (int& t : doc) t = int(rng() % 97);
+  Session dense(m), topk(m), small(m);
+  topk.set_memory_top_k(100000);
+  small.set_memory_top_k(2);
+  const auto a = dense.forward(doc, true, LogitsWanted::All);
+  const auto b = topk.forward(doc, true, LogitsWanted::All);
+  const auto c = small.forward(doc, true, LogitsWanted::All);
+  ASSERT_EQ(a.size(), b.size());
+  double max_ab = 0, max_ac = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    max_ab = std::max(max_ab, double(std::fabs(a[i] - b[i])));
+    max_ac = std::max(max_ac, double(std::fabs(a[i] - c[i])));
+  }
+  EXPECT_LT(max_ab, 1e-5);
+  EXPECT_GT(max_ac, 1e-4);  // k = 2 really drops memory keys
+}

@@ -146,7 +146,9 @@ TEST(TrainOps, CrossEntropyPerSequenceMean) {
     mask[i] = i < S ? 0 : (rng() % 3 != 0);  // first sequence: no loss tokens at all
   }
   mask[S] = 1;
-  auto loss = [&] { return cross_entropy<double>(logits.data(), n, V, targets.data(), mask.data(), S, 0, nullptr).loss_sum; };
+  auto loss = [&] {
+    return cross_entropy<double>(logits.data(), n, V, targets.data(), mask.data(), S, 0, nullptr).loss_sum;
+  };
   const CEStats st = cross_entropy<double>(logits.data(), n, V, targets.data(), mask.data(), S, 0.5, dl.data());
   for (double& g : dl) g *= 2;  // grad_scale 0.5
   EXPECT_LT(grad_error(logits, dl, loss), kTol);
@@ -196,8 +198,8 @@ TEST(CrossBatch, PackSizeRule) {
 namespace {
 
 // Direct evaluation of crossbatch attention from its definition (no gemm, no shared code).
-Vec attention_reference(const CrossBatch& cb, int B, int S, int H, int D, const Vec& Q, const Vec& Kown,
-                        const Vec& Kx, const Vec& V) {
+Vec attention_reference(const CrossBatch& cb, int B, int S, int H, int D, const Vec& Q, const Vec& Kown, const Vec& Kx,
+                        const Vec& V) {
   const int ld = H * D;
   Vec O(size_t(B) * S * ld, 0.0);
   for (int b = 0; b < B; ++b)
@@ -244,8 +246,9 @@ void check_attention(const CrossBatch& cb, int B, int S, int H, int D, uint64_t 
   EXPECT_LT(ek, kTol);
   EXPECT_LT(ex, kTol);
   EXPECT_LT(ev, kTol);
-  std::printf("  k=%d r=%d stepping=%d negatives=%d B=%d S=%d H=%d D=%d: fwd %.1e, grad Q %.1e Kown %.1e Kx %.1e V %.1e\n",
-              cb.k, cb.range, cb.stepping, cb.negatives, B, S, H, D, fwd_err, eq, ek, ex, ev);
+  std::printf(
+      "  k=%d r=%d stepping=%d negatives=%d B=%d S=%d H=%d D=%d: fwd %.1e, grad Q %.1e Kown %.1e Kx %.1e V %.1e\n",
+      cb.k, cb.range, cb.stepping, cb.negatives, B, S, H, D, fwd_err, eq, ek, ex, ev);
 }
 
 }  // namespace

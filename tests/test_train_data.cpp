@@ -143,8 +143,7 @@ TEST(TrainData, TextCorpusBosEosAndHeldOut) {
   }
   const auto ids = t.encode("Paragraph number 0 has\nsome words.");
   bool found = false;
-  for (const auto& d : c.train())
-    found |= std::vector<int>(d.tokens.begin() + 1, d.tokens.end() - 1) == ids;
+  for (const auto& d : c.train()) found |= std::vector<int>(d.tokens.begin() + 1, d.tokens.end() - 1) == ids;
   for (const auto& d : c.eval()) found |= std::vector<int>(d.tokens.begin() + 1, d.tokens.end() - 1) == ids;
   EXPECT_TRUE(found);
   fs::remove_all(dir);
@@ -159,7 +158,8 @@ TEST(TrainData, CopyTaskShape) {
   EXPECT_EQ(d.tokens.front(), 1);
   EXPECT_EQ(d.tokens.back(), 2);
   // the recalled key (loss on) equals the key after the start mark
-  EXPECT_EQ(std::vector<int>(d.tokens.begin() + 2, d.tokens.begin() + 5), std::vector<int>(d.tokens.end() - 4, d.tokens.end() - 1));
+  EXPECT_EQ(std::vector<int>(d.tokens.begin() + 2, d.tokens.begin() + 5),
+            std::vector<int>(d.tokens.end() - 4, d.tokens.end() - 1));
   int loss_tokens = 0;
   for (auto l : d.loss) loss_tokens += l;
   EXPECT_EQ(loss_tokens, 3);
@@ -210,8 +210,14 @@ TEST(TrainOptimizer, AdamWStepAndSchedule) {
 namespace {
 
 json minimal_config() {
-  return json{{"model", {{"vocab_size", 16}, {"hidden_size", 8}, {"intermediate_size", 12}, {"num_hidden_layers", 1},
-                         {"num_attention_heads", 2}, {"max_position_embeddings", 8}, {"mem_layers", {0}}}},
+  return json{{"model",
+               {{"vocab_size", 16},
+                {"hidden_size", 8},
+                {"intermediate_size", 12},
+                {"num_hidden_layers", 1},
+                {"num_attention_heads", 2},
+                {"max_position_embeddings", 8},
+                {"mem_layers", {0}}}},
               {"data", {{"sources", {{{"task", "copy"}, {"options", {{"length", 16}}}}}}}},
               {"batch_size", 4},
               {"pack_size", 2},

@@ -31,17 +31,23 @@ int run_train(const TrainArgs& a) {
     const ll::train::BenchReport r = t.bench(a.bench_steps);
     const double frac = r.train_gflops / r.sgemm_gflops;
     if (a.json) {
-      std::cout << nlohmann::json{{"params", r.params}, {"steps", r.steps}, {"tokens", r.tokens},
-                                  {"seconds", r.seconds}, {"tokens_per_s", r.tokens_per_s},
-                                  {"flops_per_token", r.flops_per_token}, {"train_gflops", r.train_gflops},
-                                  {"sgemm_gflops", r.sgemm_gflops}, {"fraction_of_sgemm", frac}}
+      std::cout << nlohmann::json{{"params", r.params},
+                                  {"steps", r.steps},
+                                  {"tokens", r.tokens},
+                                  {"seconds", r.seconds},
+                                  {"tokens_per_s", r.tokens_per_s},
+                                  {"flops_per_token", r.flops_per_token},
+                                  {"train_gflops", r.train_gflops},
+                                  {"sgemm_gflops", r.sgemm_gflops},
+                                  {"fraction_of_sgemm", frac}}
                        .dump()
                 << std::endl;
     } else {
       std::printf("params %zu | %d steps, %lld tokens in %.2f s | %.0f tokens/s\n", r.params, r.steps,
                   (long long)r.tokens, r.seconds, r.tokens_per_s);
-      std::printf("%.1f MFLOP/token (6·matmul params + attention) -> %.1f GFLOP/s; sgemm %.1f GFLOP/s; %.0f%% of sgemm\n",
-                  r.flops_per_token / 1e6, r.train_gflops, r.sgemm_gflops, 100 * frac);
+      std::printf(
+          "%.1f MFLOP/token (6·matmul params + attention) -> %.1f GFLOP/s; sgemm %.1f GFLOP/s; %.0f%% of sgemm\n",
+          r.flops_per_token / 1e6, r.train_gflops, r.sgemm_gflops, 100 * frac);
     }
     return 0;
   }

@@ -78,6 +78,11 @@ KVBlock KVMemory::block(int h, int64_t start, int max_n) const {
   return {t, c.k.data() + off, c.v.data() + off, n};
 }
 
+const void* KVMemory::value_row(int h, int64_t t) const {
+  const Chunk& c = *chunks_[t / kChunkTokens];
+  return c.v.data() + size_t(h) * kChunkTokens * head_dim_ * elem_ + size_t(t % kChunkTokens) * head_dim_ * elem_;
+}
+
 void KVMemory::read(int h, int64_t start, int count, float* kout, float* vout) const {
   const size_t head_bytes = size_t(kChunkTokens) * head_dim_ * elem_;
   while (count > 0) {

@@ -31,6 +31,8 @@ class KVMemory {
   // Zero-copy view of head h's keys/values from `start`: at most max_n tokens, never crossing a
   // chunk (storage is contiguous within one).
   KVBlock block(int h, int64_t start, int max_n) const;
+  // Storage of one token's value row of head h (type: block(...).type).
+  const void* value_row(int h, int64_t t) const;
 
  private:
   struct Chunk {

@@ -237,12 +237,32 @@ void Session::attention(int layer, const float* Q, const float* K, const float* 
       for (int i = 0; i < nq; ++i) limit[i] = n_keep + i0 + i + 1 - b;
       att.add({DType::F32, &kr[size_t(b) * D], &vv[size_t(b) * D], nk}, limit.data());
     }
-    if (mem)
+    if (mem && top_k_ > 0) {
+      TopKScorer topk(&qh[(size_t(h) * q + i0) * D], nq, D, D, top_k_);
+      for (int64_t b = 0; b < mem->size();) {
+        const KVBlock blk = mem->block(h, b, kKeyBlock);
+        topk.add(blk, b);
+        b += blk.n;
+      }
+      const DType vtype = mem->size() > 0 ? mem->block(h, 0, 1).type : DType::F32;
+      std::vector<float> scores;
+      std::vector<const void*> values;
+      for (int i = 0; i < nq; ++i) {
+        scores.clear();
+        values.clear();
+        for (const auto& hit : topk.take(i)) {
+          scores.push_back(hit.score);
+          values.push_back(mem->value_row(h, hit.index));
+        }
+        att.add_scored(i, scores.data(), values.data(), int(scores.size()), vtype);
+      }
+    } else if (mem) {
       for (int64_t b = 0; b < mem->size();) {
         const KVBlock blk = mem->block(h, b, kKeyBlock);
         att.add(blk);
         b += blk.n;
       }
+    }
     att.finish(out + size_t(i0) * d + h * D, d);
   }
   if (!use_cache)

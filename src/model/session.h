@@ -47,6 +47,11 @@ class Session {
   const Weights& weights() const { return *w_; }
   const ModelConfig& config() const { return w_->config; }
   void reset();
+  // Memory attention of memory layers: 0 (default, as the official code) attends densely to the
+  // whole memory; k > 0 attends, per query and head, to the k memory keys with the highest scores
+  // (exact top-k, found by a full scan), together with the local keys in one softmax.
+  void set_memory_top_k(int k) { top_k_ = k; }
+  int memory_top_k() const { return top_k_; }
   // Benchmarks only: appends n tokens of random keys/values to every memory layer, so decoding
   // with a large memory can be timed without ingesting it first (the cost of attention does not
   // depend on the values).
@@ -71,6 +76,7 @@ class Session {
   int local_n_ = 0;
   std::vector<std::optional<KVMemory>> memory_;  // engaged for memory layers
   int64_t tokens_seen_ = 0;
+  int top_k_ = 0;
 };
 
 }  // namespace ll

@@ -135,6 +135,76 @@ void HeadAttention::add_fused(const KVBlock& b, const int* limit) {
   }
 }
 
+void HeadAttention::add_scored(int i, const float* scores, const void* const* values, int n, DType vtype) {
+  if (n <= 0) return;
+  float bmax = -INFINITY;
+  for (int j = 0; j < n; ++j) bmax = std::max(bmax, scores[j]);
+  const float m = std::max(max_[i], bmax);
+  const float rescale = std::exp(max_[i] - m);
+  float* acc = &acc_[size_t(i) * D_];
+  scale_row(acc, D_, rescale);
+  float sum = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    const float p = std::exp(scores[j] - m);
+    sum += p;
+    axpy_row(acc, p, vtype, values[j], D_);
+  }
+  sum_[i] = sum_[i] * rescale + sum;
+  max_[i] = m;
+}
+
+TopKScorer::TopKScorer(const float* q, int nq, int ldq, int D, int k)
+    : q_(q), nq_(nq), ldq_(ldq), D_(D), k_(k), sqrt_d_(std::sqrt(float(D))), heaps_(size_t(nq)) {
+  for (auto& h : heaps_) h.reserve(size_t(k));
+}
+
+namespace {
+// Min-heap order: the worst hit on top; among equal scores the later key is worse.
+bool worse_first(const TopKScorer::Hit& a, const TopKScorer::Hit& b) {
+  return a.score > b.score || (a.score == b.score && a.index < b.index);
+}
+}  // namespace
+
+void TopKScorer::push(int i, float score, int64_t index) {
+  auto& h = heaps_[size_t(i)];
+  if (int(h.size()) < k_) {
+    h.push_back({score, index});
+    std::push_heap(h.begin(), h.end(), worse_first);
+  } else if (score > h.front().score) {
+    std::pop_heap(h.begin(), h.end(), worse_first);
+    h.back() = {score, index};
+    std::push_heap(h.begin(), h.end(), worse_first);
+  }
+}
+
+void TopKScorer::add(const KVBlock& b, int64_t first_index) {
+  if (b.n <= 0 || k_ <= 0) return;
+  scores_.resize(size_t(b.n));
+  const float* k = static_cast<const float*>(b.k);
+  if (b.type != DType::F32 && nq_ >= HeadAttention::kGemmMinQueries) {
+    kbuf_.resize(size_t(b.n) * D_);
+    dequantize_row(b.type, b.k, int64_t(b.n) * D_, kbuf_.data());
+    k = kbuf_.data();
+  }
+  if (nq_ >= HeadAttention::kGemmMinQueries) {
+    std::vector<float> S(size_t(nq_) * b.n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq_, b.n, D_, 1.0f, q_, ldq_, k, D_, 0.0f, S.data(), b.n);
+    for (int i = 0; i < nq_; ++i)
+      for (int j = 0; j < b.n; ++j) push(i, S[size_t(i) * b.n + j] / sqrt_d_, first_index + j);
+    return;
+  }
+  const size_t rb = row_bytes(b.type, D_);
+  const auto* K = static_cast<const uint8_t*>(b.k);
+  for (int i = 0; i < nq_; ++i)
+    for (int j = 0; j < b.n; ++j) push(i, dot_row(b.type, K + j * rb, q_ + size_t(i) * ldq_, D_) / sqrt_d_, first_index + j);
+}
+
+std::vector<TopKScorer::Hit> TopKScorer::take(int i) {
+  std::vector<Hit> h = std::move(heaps_[size_t(i)]);
+  std::sort_heap(h.begin(), h.end(), worse_first);  // ascending in "worse" order: best first
+  return h;
+}
+
 void HeadAttention::finish(float* out, int ldo) const {
   for (int i = 0; i < nq_; ++i) {
     const float inv = 1.0f / sum_[i];

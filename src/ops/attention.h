@@ -28,6 +28,9 @@ class HeadAttention {
   HeadAttention(const float* q, int nq, int ldq, int D);
   // limit (optional): query i sees only keys j < limit[i] of this block (causal mask).
   void add(const KVBlock& b, const int* limit = nullptr);
+  // Adds n keys to query i's softmax whose scaled scores are already known (e.g. the top-k of
+  // a memory), with their value rows in storage type vtype.
+  void add_scored(int i, const float* scores, const void* const* values, int n, DType vtype);
   // out[i * ldo + d] = softmax-weighted sum of values.
   void finish(float* out, int ldo) const;
 
@@ -40,6 +43,28 @@ class HeadAttention {
   float sqrt_d_;
   std::vector<float> max_, sum_, acc_;  // per query: running max, sum; [nq][D] weighted values
   std::vector<float> scores_, kbuf_, vbuf_;
+};
+
+// Exact top-k retrieval: scores every key of a sequence of blocks for each query, keeping the k
+// highest (q·k)/sqrt(D) per query (ties: the earlier key).
+class TopKScorer {
+ public:
+  struct Hit {
+    float score;
+    int64_t index;
+  };
+  TopKScorer(const float* q, int nq, int ldq, int D, int k);
+  void add(const KVBlock& b, int64_t first_index);
+  // Query i's hits, best first.
+  std::vector<Hit> take(int i);
+
+ private:
+  void push(int i, float score, int64_t index);
+  const float* q_;
+  int nq_, ldq_, D_, k_;
+  float sqrt_d_;
+  std::vector<std::vector<Hit>> heaps_;  // min-heaps by score
+  std::vector<float> scores_, kbuf_;
 };
 
 }  // namespace ll

@@ -13,16 +13,16 @@ constexpr int64_t kParallelWork = 1 << 15;
 
 template <>
 void gemm_serial<float>(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-                 int ldb, float beta, float* C, int ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
-              B, ldb, beta, C, ldc);
+                        int ldb, float beta, float* C, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B,
+              ldb, beta, C, ldc);
 }
 
 template <>
 void gemm_serial<double>(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
-                  int ldb, double beta, double* C, int ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
-              B, ldb, beta, C, ldc);
+                         int ldb, double beta, double* C, int ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B,
+              ldb, beta, C, ldc);
 }
 
 template <typename T>
@@ -216,19 +216,19 @@ CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const u
   return st;
 }
 
-#define LL_TRAIN_INSTANTIATE(T)                                                                          \
-  template void gemm<T>(bool, bool, int, int, int, T, const T*, int, const T*, int, T, T*, int);         \
-  template void embedding_fwd<T>(const T*, int, const int*, int, T*);                                    \
-  template void embedding_bwd<T>(const T*, int, const int*, int, T*);                                    \
-  template void linear_fwd<T>(const T*, int, int, const T*, int, T*);                                    \
-  template void linear_bwd<T>(const T*, int, int, const T*, int, const T*, T*, bool, T*);                \
-  template void rmsnorm_fwd<T>(const T*, const T*, int, int, T, T*, T*);                                 \
-  template void rmsnorm_bwd<T>(const T*, const T*, const T*, const T*, int, int, T*, T*);                \
-  template struct Rope<T>;                                                                               \
-  template void rope_fwd<T>(T*, int, int, int, const Rope<T>&, int);                                     \
-  template void rope_bwd<T>(T*, int, int, int, const Rope<T>&, int);                                     \
-  template void swiglu_fwd<T>(const T*, const T*, int64_t, T*);                                          \
-  template void swiglu_bwd<T>(const T*, const T*, const T*, int64_t, T*, T*);                            \
+#define LL_TRAIN_INSTANTIATE(T)                                                                  \
+  template void gemm<T>(bool, bool, int, int, int, T, const T*, int, const T*, int, T, T*, int); \
+  template void embedding_fwd<T>(const T*, int, const int*, int, T*);                            \
+  template void embedding_bwd<T>(const T*, int, const int*, int, T*);                            \
+  template void linear_fwd<T>(const T*, int, int, const T*, int, T*);                            \
+  template void linear_bwd<T>(const T*, int, int, const T*, int, const T*, T*, bool, T*);        \
+  template void rmsnorm_fwd<T>(const T*, const T*, int, int, T, T*, T*);                         \
+  template void rmsnorm_bwd<T>(const T*, const T*, const T*, const T*, int, int, T*, T*);        \
+  template struct Rope<T>;                                                                       \
+  template void rope_fwd<T>(T*, int, int, int, const Rope<T>&, int);                             \
+  template void rope_bwd<T>(T*, int, int, int, const Rope<T>&, int);                             \
+  template void swiglu_fwd<T>(const T*, const T*, int64_t, T*);                                  \
+  template void swiglu_bwd<T>(const T*, const T*, const T*, int64_t, T*, T*);                    \
   template CEStats cross_entropy<T>(const T*, int, int, const int*, const uint8_t*, int, T, T*);
 LL_TRAIN_INSTANTIATE(float)
 LL_TRAIN_INSTANTIATE(double)

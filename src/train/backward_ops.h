@@ -43,8 +43,8 @@ void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, c
 // The plain BLAS call, for small products or callers inside a parallel region (where BLAS runs
 // single-threaded).
 template <typename T>
-void gemm_serial(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta,
-                 T* C, int ldc);
+void gemm_serial(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
+                 int ldc);
 
 // out[i] = table[ids[i]]; dtable[ids[i]] += dout[i] (sequential: repeated ids add in order).
 template <typename T>
@@ -93,9 +93,9 @@ void swiglu_bwd(const T* g, const T* u, const T* da, int64_t n, T* dg, T* du);
 // means; the caller divides by the batch size. With dlogits, writes
 // d(grad_scale · returned sum)/d(logits) (rows with mask 0 get zeros); dlogits may alias logits.
 struct CEStats {
-  double loss_sum = 0;    // Σ over sequences of per-sequence mean NLL
-  int64_t correct = 0;    // masked rows whose argmax equals the target
-  int64_t counted = 0;    // masked rows
+  double loss_sum = 0;  // Σ over sequences of per-sequence mean NLL
+  int64_t correct = 0;  // masked rows whose argmax equals the target
+  int64_t counted = 0;  // masked rows
 };
 template <typename T>
 CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const uint8_t* mask, int S, T grad_scale,

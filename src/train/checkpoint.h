@@ -17,10 +17,10 @@
 namespace ll::train {
 
 struct CheckpointData {
-  Model model;                   // float32 weights + config
+  Model model;  // float32 weights + config
   std::vector<float> adam_m, adam_v;
-  nlohmann::json state;          // step, data, schedule, ...
-  std::string tokenizer_bytes;   // "" = none
+  nlohmann::json state;         // step, data, schedule, ...
+  std::string tokenizer_bytes;  // "" = none
 };
 
 // Writes root/step-<step>, keeps the newest `keep` step-* directories. Returns the new path.

@@ -36,8 +36,8 @@ bool worth_threads(int B, int S, int H, int D) { return int64_t(B) * H * S * S *
 size_t attention_probs_size(const CrossBatch& cb, int B, int S, int H) { return probs_offsets(cb, B, S, H).back(); }
 
 template <typename T>
-void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
-                   const T* V, T* P, T* O) {
+void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
+                   T* P, T* O) {
   const int ld = H * D;
   const T scale = T(1) / std::sqrt(T(D));
   const std::vector<size_t> off = probs_offsets(cb, B, S, H);
@@ -50,7 +50,8 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
     T* p = P + off[task];
     if (c > 1)  // earlier entries' keys, un-rotated, all visible
       gemm_serial<T>(false, true, S, (c - 1) * S, D, scale, q, ld, Kx + first * ld + h * D, ld, T(0), p, W);
-    gemm_serial<T>(false, true, S, S, D, scale, q, ld, Kown + int64_t(b) * S * ld + h * D, ld, T(0), p + (c - 1) * S, W);
+    gemm_serial<T>(false, true, S, S, D, scale, q, ld, Kown + int64_t(b) * S * ld + h * D, ld, T(0), p + (c - 1) * S,
+                   W);
     for (int i = 0; i < S; ++i) {  // one softmax over (c-1)·S cross keys + own keys 0..i
       T* row = p + int64_t(i) * W;
       const int n = (c - 1) * S + i + 1;
@@ -65,13 +66,14 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
       for (int j = 0; j < n; ++j) row[j] *= inv;
       std::fill(row + n, row + W, T(0));
     }
-    gemm_serial<T>(false, false, S, D, W, T(1), p, W, V + first * ld + h * D, ld, T(0), O + int64_t(b) * S * ld + h * D, ld);
+    gemm_serial<T>(false, false, S, D, W, T(1), p, W, V + first * ld + h * D, ld, T(0), O + int64_t(b) * S * ld + h * D,
+                   ld);
   }
 }
 
 template <typename T>
-void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
-                   const T* V, T* P, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV) {
+void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
+                   T* P, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV) {
   const int ld = H * D;
   const T scale = T(1) / std::sqrt(T(D));
   const std::vector<size_t> off = probs_offsets(cb, B, S, H);
@@ -94,7 +96,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
     for (int b = e; b < B && b - e <= cb.range; ++b)
       if (b - e < cb.contexts(b))
         gemm_serial<T>(true, false, S, D, S, T(1), block(P, b, h, e), cb.contexts(b) * S, rows(dO, b, h), ld,
-                b == e ? T(0) : T(1), dv, ld);
+                       b == e ? T(0) : T(1), dv, ld);
   }
 
   // 2. dS = P ⊙ (dP - rowsum(dP ⊙ P)) · scale with dP = dO · Vᵀ and rowsum(dP ⊙ P) = dO·O;
@@ -126,13 +128,14 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int task = 0; task < B * H; ++task) {
     const int e = task / H, h = task % H, c = cb.contexts(e);
-    gemm_serial<T>(true, false, S, D, S, T(1), block(P, e, h, e), c * S, rows(Q, e, h), ld, T(0), rows_mut(dKown, e, h), ld);
+    gemm_serial<T>(true, false, S, D, S, T(1), block(P, e, h, e), c * S, rows(Q, e, h), ld, T(0), rows_mut(dKown, e, h),
+                   ld);
     T* dk = rows_mut(dKx, e, h);
     bool any = false;
     for (int b = e + 1; b < B && b - e <= cb.range; ++b) {
       if (b - e >= cb.contexts(b)) continue;
       gemm_serial<T>(true, false, S, D, S, T(1), block(P, b, h, e), cb.contexts(b) * S, rows(Q, b, h), ld,
-              any ? T(1) : T(0), dk, ld);
+                     any ? T(1) : T(0), dk, ld);
       any = true;
     }
     if (!any)
@@ -142,12 +145,12 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
 
 template void attention_fwd<float>(const CrossBatch&, int, int, int, int, const float*, const float*, const float*,
                                    const float*, float*, float*);
-template void attention_fwd<double>(const CrossBatch&, int, int, int, int, const double*, const double*,
-                                    const double*, const double*, double*, double*);
+template void attention_fwd<double>(const CrossBatch&, int, int, int, int, const double*, const double*, const double*,
+                                    const double*, double*, double*);
 template void attention_bwd<float>(const CrossBatch&, int, int, int, int, const float*, const float*, const float*,
                                    const float*, float*, const float*, const float*, float*, float*, float*, float*);
-template void attention_bwd<double>(const CrossBatch&, int, int, int, int, const double*, const double*,
-                                    const double*, const double*, double*, const double*, const double*, double*,
-                                    double*, double*, double*);
+template void attention_bwd<double>(const CrossBatch&, int, int, int, int, const double*, const double*, const double*,
+                                    const double*, double*, const double*, const double*, double*, double*, double*,
+                                    double*);
 
 }  // namespace ll::train

@@ -37,15 +37,15 @@ size_t attention_probs_size(const CrossBatch& cb, int B, int S, int H);
 // inference and the HF code's division after the product; the JAX trainer pre-scales q, which
 // is the same in exact arithmetic.
 template <typename T>
-void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
-                   const T* V, T* P, T* O);
+void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
+                   T* P, T* O);
 
 // Gradients (all overwritten): dQ, dKown (own keys, still rotated), dKx (keys seen by later
 // entries), dV. P is consumed (overwritten with the score gradients).
 // Runs in three passes, each parallel over (entry, head) tasks that never write the same rows,
 // with every sum in a fixed order: deterministic for any thread count.
 template <typename T>
-void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
-                   const T* V, T* P, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV);
+void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
+                   T* P, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV);
 
 }  // namespace ll::train

@@ -21,8 +21,8 @@ CrossBatch Network<T>::layer_cb(int layer) const {
 template <typename T>
 const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBatch& cb) {
   const ModelConfig& c = config_;
-  const int S = S_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads,
-            D = c.head_dim(), V = c.vocab_size;
+  const int S = S_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads, D = c.head_dim(),
+            V = c.vocab_size;
   const T eps = T(c.rms_norm_eps);
   B_ = B;
   cb_ = cb;

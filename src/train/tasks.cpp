@@ -37,8 +37,7 @@ void task_option(const nlohmann::json& options, const char* key, int& out, const
   const auto& v = options[key];
   if (!v.is_number_integer()) throw Error(where + ": task option '" + key + "' must be an integer");
   out = v.get<int>();
-  if (out < min_value)
-    throw Error(where + ": task option '" + key + "' must be >= " + std::to_string(min_value));
+  if (out < min_value) throw Error(where + ": task option '" + key + "' must be >= " + std::to_string(min_value));
 }
 
 namespace {
@@ -56,8 +55,8 @@ class CopyTask : public DocumentSource {
     task_option(o, "key_length", key_length_, where, 1);
     task_option(o, "symbols", symbols_, where, 2);
     if (length_ < 2 * key_length_ + 4)
-      throw Error(where + ": task option 'length' must be at least 2·key_length + 4 = " +
-                  std::to_string(2 * key_length_ + 4));
+      throw Error(where +
+                  ": task option 'length' must be at least 2·key_length + 4 = " + std::to_string(2 * key_length_ + 4));
   }
   Document next(Rng& rng) const override {
     Document d;
@@ -88,15 +87,14 @@ class CopyTask : public DocumentSource {
 
 std::map<std::string, TaskFactory>& task_registry() {
   static std::map<std::string, TaskFactory> r = {
-      {"copy", [](const nlohmann::json& o, const Tokenizer*, const std::string& where) {
-         return std::unique_ptr<DocumentSource>(new CopyTask(o, where));
-       }},
+      {"copy", [](const nlohmann::json& o, const Tokenizer*,
+                  const std::string& where) { return std::unique_ptr<DocumentSource>(new CopyTask(o, where)); }},
   };
   return r;
 }
 
-std::unique_ptr<DocumentSource> make_task(const std::string& name, const nlohmann::json& options,
-                                          const Tokenizer* tok, const std::string& where) {
+std::unique_ptr<DocumentSource> make_task(const std::string& name, const nlohmann::json& options, const Tokenizer* tok,
+                                          const std::string& where) {
   auto& r = task_registry();
   auto it = r.find(name);
   if (it == r.end()) {

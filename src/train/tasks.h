@@ -45,13 +45,12 @@ class DocumentSource {
 // Synthetic tasks: a name, options (a JSON object; unknown keys are errors) and optionally the
 // tokenizer of the run (for tasks made of text). Token ids 0, 1, 2 are UNK/PAD, BOS, EOS as in
 // the LLaMA tokenizers; a task without a tokenizer uses ids from 3 up.
-using TaskFactory =
-    std::function<std::unique_ptr<DocumentSource>(const nlohmann::json& options, const Tokenizer* tok,
-                                                  const std::string& where)>;
+using TaskFactory = std::function<std::unique_ptr<DocumentSource>(const nlohmann::json& options, const Tokenizer* tok,
+                                                                  const std::string& where)>;
 // The registry: add a task with one register_task call in tasks.cpp (task_registry()).
 std::map<std::string, TaskFactory>& task_registry();
-std::unique_ptr<DocumentSource> make_task(const std::string& name, const nlohmann::json& options,
-                                          const Tokenizer* tok, const std::string& where);
+std::unique_ptr<DocumentSource> make_task(const std::string& name, const nlohmann::json& options, const Tokenizer* tok,
+                                          const std::string& where);
 
 // Reads option `key` of a task into out (keeps the default when absent); errors name `where`.
 void task_option(const nlohmann::json& options, const char* key, int& out, const std::string& where, int min_value);

@@ -80,8 +80,8 @@ json read_json(const std::string& path, const std::string& what) {
 }  // namespace
 
 std::vector<std::string> resume_sensitive_fields() {
-  return {"model", "init", "data", "seq_len", "batch_size", "micro_batch_size", "pack_size", "cross_batch",
-          "optimizer", "seed"};
+  return {"model",     "init",        "data",      "seq_len", "batch_size", "micro_batch_size",
+          "pack_size", "cross_batch", "optimizer", "seed"};
 }
 
 TrainConfig TrainConfig::from_file(const std::string& path) {
@@ -154,8 +154,9 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
   f.get("seq_len", c.seq_len, 0);
   if (c.seq_len == 0) c.seq_len = c.model.max_position_embeddings;
   if (c.seq_len != c.model.max_position_embeddings)
-    throw Error(f.name("seq_len") + " (" + std::to_string(c.seq_len) + ") must equal the model's max_position_embeddings (" +
-                std::to_string(c.model.max_position_embeddings) + "): it is the inference window");
+    throw Error(f.name("seq_len") + " (" + std::to_string(c.seq_len) +
+                ") must equal the model's max_position_embeddings (" + std::to_string(c.model.max_position_embeddings) +
+                "): it is the inference window");
   f.get("batch_size", c.batch_size, 1);
   f.get("pack_size", c.pack_size, 1);
   f.get("micro_batch_size", c.micro_batch_size, 0);
@@ -164,7 +165,8 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     throw Error(f.name("batch_size") + " must be a multiple of pack_size (" + std::to_string(c.pack_size) + ")");
   if (c.micro_batch_size % c.pack_size != 0)
     throw Error(f.name("micro_batch_size") + " must be a multiple of pack_size: micro-batches hold whole packs");
-  if (c.batch_size % c.micro_batch_size != 0) throw Error(f.name("batch_size") + " must be a multiple of micro_batch_size");
+  if (c.batch_size % c.micro_batch_size != 0)
+    throw Error(f.name("batch_size") + " must be a multiple of micro_batch_size");
 
   if (f.has("cross_batch")) {
     Fields cb(f.at("cross_batch"), f.name("cross_batch"));
@@ -181,7 +183,8 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
         p.get("range", ph.range, 0);
         p.get("steps", ph.steps, int64_t(0));
         p.get("until_accuracy", ph.until_accuracy);
-        if (ph.until_accuracy < 0 || ph.until_accuracy > 1) throw Error(p.name("until_accuracy") + " must be in [0, 1]");
+        if (ph.until_accuracy < 0 || ph.until_accuracy > 1)
+          throw Error(p.name("until_accuracy") + " must be in [0, 1]");
         p.done();
         c.schedule.push_back(ph);
       }
@@ -210,9 +213,12 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     o.get("warmup_steps", oc.warmup_steps, int64_t(0));
     std::string sched = "cosine";
     o.get("schedule", sched);
-    if (sched == "cosine") oc.schedule = LrSchedule::Cosine;
-    else if (sched == "constant") oc.schedule = LrSchedule::Constant;
-    else throw Error(o.name("schedule") + ": '" + sched + "' is not one of cosine, constant");
+    if (sched == "cosine")
+      oc.schedule = LrSchedule::Cosine;
+    else if (sched == "constant")
+      oc.schedule = LrSchedule::Constant;
+    else
+      throw Error(o.name("schedule") + ": '" + sched + "' is not one of cosine, constant");
     o.get("clip", oc.clip, 0.0);
     o.done();
   }

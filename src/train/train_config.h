@@ -30,11 +30,11 @@ struct Phase {
 };
 
 struct TrainConfig {
-  std::string source;        // the file it came from (for messages)
-  nlohmann::json raw;        // as read, stored in checkpoints
-  bool has_model = false;    // "model": a shape for a fresh random model
-  ModelConfig model;         // the resolved model config (after applying "init")
-  std::string init;          // "init": a model directory to fine-tune
+  std::string source;      // the file it came from (for messages)
+  nlohmann::json raw;      // as read, stored in checkpoints
+  bool has_model = false;  // "model": a shape for a fresh random model
+  ModelConfig model;       // the resolved model config (after applying "init")
+  std::string init;        // "init": a model directory to fine-tune
   nlohmann::json model_overrides;
 
   std::string tokenizer;
@@ -53,7 +53,7 @@ struct TrainConfig {
 
   int64_t eval_interval = 0;  // 0 = only at the end
   int eval_batches = 1;
-  int eval_range = -1;        // -1: pack_size - 1 (each chunk sees all earlier chunks of its pack)
+  int eval_range = -1;  // -1: pack_size - 1 (each chunk sees all earlier chunks of its pack)
   bool eval_stepping = false;
   bool eval_negatives = false;
 
@@ -62,7 +62,7 @@ struct TrainConfig {
   std::string output;
   bool save_bf16 = false;
   uint64_t seed = 0;
-  int threads = 0;  // 0 = OpenMP default
+  int threads = 0;           // 0 = OpenMP default
   int64_t log_interval = 1;  // 0 = no per-step lines
 
   static TrainConfig from_file(const std::string& path);

@@ -22,11 +22,11 @@
 namespace ll::train {
 
 struct StepStats {
-  int64_t step = 0;  // number of optimizer steps done, this one included
-  double loss = 0;   // mean over entries of per-entry mean NLL (the objective)
+  int64_t step = 0;     // number of optimizer steps done, this one included
+  double loss = 0;      // mean over entries of per-entry mean NLL (the objective)
   double accuracy = 0;  // over loss tokens: argmax == target
   double grad_norm = 0, lr = 0;
-  int range = 0;     // cross_batch_range used
+  int range = 0;  // cross_batch_range used
   int64_t tokens = 0;
   double seconds = 0;
 };
