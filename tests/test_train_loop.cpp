@@ -62,7 +62,7 @@ TrainConfig config_of(const json& j) { return TrainConfig::from_json(j, "test TR
 
 TEST(TrainLoop, LossFallsOnCopyTask) {
   const fs::path dir = temp_dir("loss");
-  Trainer t(config_of(copy_run(dir, 60)), false);
+  Trainer t(config_of(copy_run(dir, 60)), Trainer::Start::Fresh);
   const EvalStats before = t.evaluate();
   double first = 0, last = 0;
   for (int i = 0; i < 60; ++i) {
@@ -103,7 +103,7 @@ TEST(TrainLoop, CrossbatchTeachesMemoryRecall) {
                              : json{{"schedule", {{{"range", 0}}}}};
     j["optimizer"] = {{"lr", 3e-3}, {"warmup_steps", 50}, {"end_lr", 3e-4}};
     j["seed"] = 1;
-    Trainer t(config_of(j), false);
+    Trainer t(config_of(j), Trainer::Start::Fresh);
     t.run();
     final_range = t.current_range();
     return t.evaluate();
@@ -147,20 +147,20 @@ TEST(TrainLoop, ResumeIsBitIdentical) {
   ja["checkpoint"] = jb["checkpoint"] = {{"interval", 2}, {"keep", 2}};
   ja["eval"] = jb["eval"] = {{"batches", 0}};
   {
-    Trainer t(config_of(ja), false);
+    Trainer t(config_of(ja), Trainer::Start::Fresh);
     t.run();
   }
   {
-    Trainer t(config_of(jb), false);
+    Trainer t(config_of(jb), Trainer::Start::Fresh);
     t.run(5);  // "interrupted" after step 5 (checkpoint written)
     EXPECT_EQ(t.steps_done(), 5);
     EXPECT_FALSE(fs::exists(b / "model"));
   }
-  EXPECT_THROW(Trainer(config_of(jb), false), Error);  // refuses to overwrite a run
+  EXPECT_THROW(Trainer(config_of(jb), Trainer::Start::Fresh), Error);  // refuses to overwrite a run
   json changed = jb;
   changed["optimizer"]["lr"] = 0.5;
-  EXPECT_THROW(Trainer(config_of(changed), true), Error);  // settings must match
-  Trainer t(config_of(jb), true);
+  EXPECT_THROW(Trainer(config_of(changed), Trainer::Start::Resume), Error);  // settings must match
+  Trainer t(config_of(jb), Trainer::Start::Resume);
   EXPECT_EQ(t.steps_done(), 5);
   EXPECT_EQ(t.current_range(), 0);
   t.run();
@@ -190,7 +190,7 @@ TEST(TrainLoop, ThreadCountDoesNotChangeResults) {
     j["model"]["max_position_embeddings"] = 64;
     j["data"]["sources"][0]["options"]["length"] = 128;
     j["threads"] = threads;
-    Trainer t(config_of(j), false);
+    Trainer t(config_of(j), Trainer::Start::Fresh);
     for (int i = 0; i < 3; ++i) t.step();
     params.push_back(t.params());
     fs::remove_all(dir);
@@ -201,7 +201,7 @@ TEST(TrainLoop, ThreadCountDoesNotChangeResults) {
 TEST(TrainLoop, SavedModelMatchesTrainingForwardThroughSession) {
   const fs::path dir = temp_dir("saved");
   const TrainConfig cfg = config_of(copy_run(dir, 12));
-  Trainer t(cfg, false);
+  Trainer t(cfg, Trainer::Start::Fresh);
   t.run();
   const Model m = Model::load((dir / "model").string());
   ASSERT_EQ(m.config.max_position_embeddings, cfg.seq_len);
@@ -267,7 +267,7 @@ TEST(TrainLoop, FineTuneFromInitWithOverrides) {
   j.erase("model");
   j["init"] = (dir / "base").string();
   j["model"] = {{"mem_layers", {1}}, {"last_context_length", 0}};  // turn layer 1 into a memory layer
-  Trainer t(config_of(j), false);
+  Trainer t(config_of(j), Trainer::Start::Fresh);
   t.run();
   const Model m = Model::load((dir / "out" / "model").string());
   EXPECT_EQ(m.config.mem_layers, std::vector<int>{1});
@@ -275,7 +275,7 @@ TEST(TrainLoop, FineTuneFromInitWithOverrides) {
   j["model"] = {{"hidden_size", 64}};
   j["output"] = (dir / "out2").string();
   try {
-    Trainer bad(config_of(j), false);
+    Trainer bad(config_of(j), Trainer::Start::Fresh);
     ADD_FAILURE() << "a shape change must be refused";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("model.hidden_size"), std::string::npos) << e.what();
@@ -295,7 +295,7 @@ TEST(TrainLoop, TextDataWithTokenizer) {
                 {{{"text", {std::string(LONGLLAMA_SOURCE_DIR) + "/README.md"}},
                   {"split", "paragraph"},
                   {"eval_fraction", 0.2}}}}};
-  Trainer t(config_of(j), false);
+  Trainer t(config_of(j), Trainer::Start::Fresh);
   const EvalStats e0 = t.evaluate();
   t.run();
   EXPECT_NEAR(e0.loss, std::log(32000.0), 0.1);  // random init: uniform over the vocabulary

@@ -80,8 +80,9 @@ void check_model_gradients(ModelConfig c, const CrossBatch& cb, int B, uint64_t 
     worst = std::max(worst, std::abs(num - g[i]) / std::max(1.0, std::abs(num)));
     gmax = std::max(gmax, std::abs(num));
   }
-  std::printf("  %zu params, k=%d r=%d stepping=%d, mem_positionals=%d tied=%d: max grad error %.1e (max |grad| %.2g)\n",
-              p.size(), cb.k, cb.range, cb.stepping, c.mem_positionals, c.tie_word_embeddings, worst, gmax);
+  std::printf(
+      "  %zu params, k=%d r=%d stepping=%d, mem_positionals=%d tied=%d: max grad error %.1e (max |grad| %.2g)\n",
+      p.size(), cb.k, cb.range, cb.stepping, c.mem_positionals, c.tie_word_embeddings, worst, gmax);
   EXPECT_LT(worst, 1e-7);
   EXPECT_GT(gmax, 1e-2);  // the check is not vacuous
 }
@@ -131,8 +132,10 @@ double consistency_error(ModelConfig c, int k, bool mem_positionals, double* sen
   *sensitivity = 0;
   for (size_t i = size_t(S) * c.vocab_size; i < ref.size(); ++i)
     *sensitivity = std::max(*sensitivity, double(std::abs(ref[i] - l0[i])));
-  std::printf("  k=%d S=%d mem_layers=%zu mem_positionals=%d: max |logit error| %.2e (logits up to %.2f; r=0 differs by %.2f)\n",
-              k, S, c.mem_layers.size(), mem_positionals, err, scale, *sensitivity);
+  std::printf(
+      "  k=%d S=%d mem_layers=%zu mem_positionals=%d: max |logit error| %.2e (logits up to %.2f; r=0 differs by "
+      "%.2f)\n",
+      k, S, c.mem_layers.size(), mem_positionals, err, scale, *sensitivity);
   return err;
 }
 

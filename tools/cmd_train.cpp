@@ -27,7 +27,7 @@ int run_train(const TrainArgs& a) {
   };
   if (a.bench_steps > 0) {
     // Benchmarks never touch the output directory: no checkpoints, no model, no log.
-    ll::train::Trainer t(cfg, false, log);
+    ll::train::Trainer t(cfg, ll::train::Trainer::Start::Bench, log);
     const ll::train::BenchReport r = t.bench(a.bench_steps);
     const double frac = r.train_gflops / r.sgemm_gflops;
     if (a.json) {
@@ -51,7 +51,7 @@ int run_train(const TrainArgs& a) {
     }
     return 0;
   }
-  ll::train::Trainer t(cfg, a.resume, log);
+  ll::train::Trainer t(cfg, a.resume ? ll::train::Trainer::Start::Resume : ll::train::Trainer::Start::Fresh, log);
   t.run(a.stop_after);
   return 0;
 }

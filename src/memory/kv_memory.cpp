@@ -70,6 +70,8 @@ void KVMemory::append(const float* k, const float* v, int n, int ld) {
 }
 
 KVBlock KVMemory::block(int h, int64_t start, int max_n) const {
+  const DType t0 = dtype_ == MemDType::F32 ? DType::F32 : dtype_ == MemDType::BF16 ? DType::BF16 : DType::F16;
+  if (start >= size_ || max_n <= 0) return {t0, nullptr, nullptr, 0};
   const Chunk& c = *chunks_[start / kChunkTokens];
   const int slot = int(start % kChunkTokens);
   const int n = int(std::min<int64_t>({int64_t(max_n), int64_t(kChunkTokens - slot), size_ - start}));

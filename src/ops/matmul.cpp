@@ -90,9 +90,11 @@ const float* f16_table() {
   return table.data();
 }
 
-// The integer dot products work on fixed 256-bit vectors whatever the target (a Q block is 32
-// int8 = 2 x 16 int16 lanes): Highway 1.0 has no int8 dot instruction, so int8 is widened to
+#if HWY_MAX_BYTES >= 32
+// The integer dot products work on fixed 256-bit vectors on targets that have them (a Q block is
+// 32 int8 = 2 x 16 int16 lanes): Highway 1.0 has no int8 dot instruction, so int8 is widened to
 // int16 and multiplied-and-added pairwise into int32 (vpmaddwd).
+#define LONGLLAMA_HWY_INT256 1
 using DI8 = hn::FixedTag<int8_t, 16>;
 using DU8 = hn::FixedTag<uint8_t, 16>;
 using DI16 = hn::FixedTag<int16_t, 16>;
@@ -105,6 +107,7 @@ inline hn::Vec<DI32> madd16(hn::Vec<DI16> a, hn::Vec<DI16> b, hn::Vec<DI32> acc)
   acc = hn::ReorderWidenMulAccumulate(d32, a, b, acc, hi);
   return hn::Add(acc, hi);
 }
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 // With VNNI one vpdpbusd multiplies 32 unsigned x signed int8 pairs and adds them into int32.
@@ -161,10 +164,35 @@ float dot_q4_0_vnni(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
 }
 #endif
 
+// Plain loops for targets without 256-bit vectors (the results are the same integers).
+float dot_q_scalar(const uint8_t* blocks, bool q4, const ActQ8& x, int64_t nblocks) {
+  const float* f16 = f16_table();
+  float total = 0.0f;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    int32_t isum = 0;
+    uint16_t d;
+    const int8_t* xq = &x.q[size_t(b) * kQBlock];
+    if (q4) {
+      const auto& blk = reinterpret_cast<const BlockQ4_0*>(blocks)[b];
+      d = blk.d;
+      for (int j = 0; j < kQBlock / 2; ++j)
+        isum += (int(blk.qs[j] & 0x0f) - 8) * xq[j] + (int(blk.qs[j] >> 4) - 8) * xq[j + 16];
+    } else {
+      const auto& blk = reinterpret_cast<const BlockQ8_0*>(blocks)[b];
+      d = blk.d;
+      for (int j = 0; j < kQBlock; ++j) isum += int(blk.qs[j]) * xq[j];
+    }
+    total += float(isum) * (f16[d] * x.d[b]);
+  }
+  return total;
+}
+
 float dot_q8_0_impl(const BlockQ8_0* w, const ActQ8& x, int64_t nblocks) {
-#ifdef LONGLLAMA_VNNI
+#if defined(LONGLLAMA_VNNI)
   return dot_q8_0_vnni(w, x, nblocks);
-#endif
+#elif !defined(LONGLLAMA_HWY_INT256)
+  return dot_q_scalar(reinterpret_cast<const uint8_t*>(w), false, x, nblocks);
+#else
   const DI8 d8;
   const DI16 d16;
   const DI32 d32;
@@ -178,12 +206,15 @@ float dot_q8_0_impl(const BlockQ8_0* w, const ActQ8& x, int64_t nblocks) {
     acc = hn::MulAdd(hn::ConvertTo(df, isum), hn::Set(df, f16[w[b].d] * x.d[b]), acc);
   }
   return hn::GetLane(hn::SumOfLanes(df, acc));
+#endif
 }
 
 float dot_q4_0_impl(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
-#ifdef LONGLLAMA_VNNI
+#if defined(LONGLLAMA_VNNI)
   return dot_q4_0_vnni(w, x, nblocks);
-#endif
+#elif !defined(LONGLLAMA_HWY_INT256)
+  return dot_q_scalar(reinterpret_cast<const uint8_t*>(w), true, x, nblocks);
+#else
   const DI8 d8;
   const DU8 du8;
   const DI16 d16;
@@ -203,6 +234,7 @@ float dot_q4_0_impl(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
     acc = hn::MulAdd(hn::ConvertTo(df, isum), hn::Set(df, f16[w[b].d] * x.d[b]), acc);
   }
   return hn::GetLane(hn::SumOfLanes(df, acc));
+#endif
 }
 
 }  // namespace

@@ -26,26 +26,23 @@ struct CrossBatch {
   int contexts(int b) const;
 };
 
-// Attention probabilities kept for the backward pass: for entry b and head h, an [S x c·S]
-// block (c = contexts(b)) whose columns are the keys of entries b-c+1 .. b in that order.
-size_t attention_probs_size(const CrossBatch& cb, int B, int S, int H);
-
 // Q, Kown: queries and own keys, rotated when the layer uses RoPE; Kx: the keys other entries
-// see (un-rotated); V: values. All [B·S rows, H·D], head h at column h·D. P: probabilities
-// (attention_probs_size values). O: output [B·S, H·D].
+// see (un-rotated); V: values. All [B·S rows, H·D], head h at column h·D. O: output, same shape.
+// lse: [B][H][S] log-sum-exp of every query's scores, all the backward pass keeps (it recomputes
+// the probabilities block by block), so memory does not grow with the crossbatch range.
 // Scores are (Q·Kᵀ)·(1/sqrt(D)): the scale multiplies the product (gemm alpha), as in our
 // inference and the HF code's division after the product; the JAX trainer pre-scales q, which
 // is the same in exact arithmetic.
 template <typename T>
 void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
-                   T* P, T* O);
+                   T* lse, T* O);
 
 // Gradients (all overwritten): dQ, dKown (own keys, still rotated), dKx (keys seen by later
-// entries), dV. P is consumed (overwritten with the score gradients).
-// Runs in three passes, each parallel over (entry, head) tasks that never write the same rows,
-// with every sum in a fixed order: deterministic for any thread count.
+// entries), dV. Each (query entry, key entry) block's probabilities are recomputed from lse.
+// Parallel over heads (no two heads write the same columns), every sum in a fixed order:
+// deterministic for any thread count.
 template <typename T>
 void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
-                   T* P, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV);
+                   const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV);
 
 }  // namespace ll::train

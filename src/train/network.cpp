@@ -54,8 +54,8 @@ const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBa
       a.Kr.clear();
     }
     const T* kown = rope_in(l) ? a.Kr.data() : a.K.data();
-    a.P.resize(attention_probs_size(lcb, B, S, H));
-    attention_fwd(lcb, B, S, H, D, a.Q.data(), kown, a.K.data(), a.V.data(), a.P.data(), a.att.data());
+    a.lse.resize(size_t(B) * H * S);
+    attention_fwd(lcb, B, S, H, D, a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data());
     linear_fwd(a.att.data(), N, d, p + o.wo, d, tmp.data());
     for (size_t i = 0; i < x.size(); ++i) a.x_mid[i] = x[i] + tmp[i];
     rmsnorm_fwd(a.x_mid.data(), p + o.ffn_norm, N, d, eps, a.xn2.data(), a.rstd2.data());
@@ -111,7 +111,7 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
     linear_bwd(a.att.data(), N, d, p + o.wo, d, dx.data(), datt.data(), false, g + o.wo);
     const bool rope = rope_in(l);
     const T* kown = rope ? a.Kr.data() : a.K.data();
-    attention_bwd(layer_cb(l), B, S, H, D, a.Q.data(), kown, a.K.data(), a.V.data(), a.P.data(), a.att.data(),
+    attention_bwd(layer_cb(l), B, S, H, D, a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data(),
                   datt.data(), dQ.data(), dKown.data(), dKx.data(), dV.data());
     if (rope) {
       rope_bwd(dQ.data(), N, d, H, rope_, S);

@@ -1,8 +1,9 @@
 #pragma once
 // The training forward and backward pass of a whole LongLLaMA over one micro-batch of B entries
 // of S tokens each (positions 0..S-1 in every entry), with crossbatch attention in memory layers.
-// Keeps every activation the backward pass needs (no recomputation): memory is about
-// (9·d + 3·ffn) values per token and layer, plus the attention probabilities and the logits.
+// Keeps the activations the backward pass needs, about (9·d + 3·ffn) values per token and layer
+// plus the logits; attention keeps only a log-sum-exp per query and head (its probabilities are
+// recomputed), so memory does not depend on the crossbatch range.
 #include <cstdint>
 #include <vector>
 
@@ -29,13 +30,13 @@ class Network {
   // Loss of the last forward (targets and loss mask [B·S]), see cross_entropy(): loss_sum is
   // the sum over entries of per-entry mean NLL.
   CEStats loss(const int* targets, const uint8_t* mask);
-  // Loss, then backward: grads += ∂(loss_scale · loss_sum)/∂params. Consumes the logits and
-  // attention probabilities (call forward again before another loss/backward).
+  // Loss, then backward: grads += ∂(loss_scale · loss_sum)/∂params. Overwrites the logits with
+  // their gradient (call forward again before another loss/backward).
   CEStats backward(const T* params, const int* targets, const uint8_t* mask, T loss_scale, T* grads);
 
  private:
   struct LayerActs {
-    std::vector<T> x_in, xn, rstd1, Q, K, Kr, V, P, att, x_mid, xn2, rstd2, G, U, A;
+    std::vector<T> x_in, xn, rstd1, Q, K, Kr, V, lse, att, x_mid, xn2, rstd2, G, U, A;
   };
   bool rope_in(int layer) const { return !config_.is_mem_layer(layer) || config_.mem_positionals; }
   CrossBatch layer_cb(int layer) const;

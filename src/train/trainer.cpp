@@ -81,7 +81,7 @@ void check_same_shape(const ModelConfig& a, const ModelConfig& b, const std::str
 
 }  // namespace
 
-Trainer::Trainer(TrainConfig cfg, bool resume, Log log)
+Trainer::Trainer(TrainConfig cfg, Start start, Log log)
     : cfg_(std::move(cfg)), log_(std::move(log)), net_(cfg_.model, cfg_.seq_len), adam_(cfg_.optimizer, net_.layout()) {
   if (cfg_.threads > 0) {
     omp_set_num_threads(cfg_.threads);
@@ -100,15 +100,33 @@ Trainer::Trainer(TrainConfig cfg, bool resume, Log log)
   }
   build_data();
 
+  describe();
+  if (start == Start::Bench) return;
   const fs::path ckroot = fs::path(cfg_.output) / "checkpoints";
   const auto latest = latest_checkpoint(ckroot.string());
-  if (resume) {
+  if (start == Start::Resume) {
     if (!latest) throw Error(ckroot.string() + ": no checkpoint to resume from");
     restore(*latest);
   } else if (latest) {
     throw Error(cfg_.output + ": already holds checkpoints (" + *latest +
                 "); pass --resume to continue that run, or choose another output directory");
   }
+}
+
+void Trainer::describe() const {
+  const ModelConfig& c = cfg_.model;
+  const size_t embed = size_t(c.vocab_size) * c.hidden_size;
+  const int S = cfg_.seq_len, mb = cfg_.micro_batch_size;
+  // Activations kept per micro-batch (see network.h) plus the logits and their gradient.
+  const double acts = double(mb) * S * 4 *
+                      (double(c.num_hidden_layers) * (9.0 * c.hidden_size + 3.0 * c.intermediate_size) + c.vocab_size +
+                       3.0 * c.hidden_size);
+  char buf[320];
+  std::snprintf(buf, sizeof buf,
+                "model: %zu parameters (%zu in the embedding table), memory layers %zu | batch %d x %d tokens "
+                "(packs of %d, micro-batches of %d), activations ~%.0f MiB",
+                params_.size(), embed, c.mem_layers.size(), cfg_.batch_size, S, cfg_.pack_size, mb, acts / (1 << 20));
+  log(buf);
 }
 
 void Trainer::build_data() {
@@ -214,6 +232,9 @@ StepStats Trainer::step() {
     correct += st.correct;
     counted += st.counted;
   }
+  if (!std::isfinite(loss_sum))
+    throw Error("step " + std::to_string(step_ + 1) +
+                ": the loss is not finite (lower optimizer.lr or raise warmup_steps)");
   StepStats s;
   s.range = cb.range;
   s.lr = learning_rate(cfg_.optimizer, step_ + 1, cfg_.steps);

@@ -2,11 +2,10 @@
 // The FoT training loop: k-packed batches, crossbatch schedule, gradient accumulation over
 // micro-batches of whole packs, AdamW, periodic evaluation, atomic checkpoints with exact resume.
 //
-// Determinism: given the seed and thread count, a run is reproducible bit for bit, and a resumed
+// Determinism: given the seed, a run is reproducible bit for bit, whatever the thread count
+// (every sum has a fixed order and gemms are tiled by shape, see backward_ops.h), and a resumed
 // run continues exactly as the uninterrupted one (the checkpoint holds parameters, moments, step,
-// schedule and data state; documents are regenerated from their numbers). Our own reductions run
-// in a fixed order; OpenBLAS splits gemms over rows/columns, not over the summed dimension, so
-// the thread count should not change results either (checked in tests).
+// schedule and data state; documents are regenerated from their numbers). Both checked in tests.
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -49,8 +48,10 @@ struct BenchReport {
 class Trainer {
  public:
   using Log = std::function<void(const std::string&)>;
-  // Without resume, refuses an output directory that already holds checkpoints.
-  Trainer(TrainConfig cfg, bool resume, Log log = {});
+  enum class Start { Fresh, Resume, Bench };
+  // Fresh refuses an output directory that already holds checkpoints; Resume continues from the
+  // newest one; Bench ignores the output directory (bench() writes nothing).
+  Trainer(TrainConfig cfg, Start start, Log log = {});
 
   StepStats step();
   EvalStats evaluate();
@@ -68,6 +69,7 @@ class Trainer {
 
  private:
   void build_data();
+  void describe() const;
   void restore(const std::string& checkpoint_dir);
   void advance_schedule(double accuracy);
   void log(const std::string& line) const;
