@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
@@ -70,6 +71,107 @@ void axpy_row(float* acc, float p, DType t, const void* v, int D) {
   }
 }
 
+// Element loads widened to float, for key/value rows stored as float, bf16 or f16.
+template <typename T>
+HWY_INLINE hn::Vec<DF> load_f32(DF d, const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return hn::LoadU(d, p);
+  } else {
+    const hn::Rebind<T, DF> dh;
+    return hn::PromoteTo(d, hn::LoadU(dh, p));
+  }
+}
+template <typename T>
+HWY_INLINE float scalar_f32(T x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, hwy::bfloat16_t>) return bf16_to_f32(x.bits);
+  else return f16_to_f32(x.bits);
+}
+
+// s[j] = (q · K[j]) / sqrt_d for n rows of D elements. Four rows at a time share each load of q.
+template <typename T>
+void score_rows(const float* q, const T* K, int n, int D, float sqrt_d, float* s) {
+  const DF d;
+  const int N = int(hn::Lanes(d)), Dv = D / N * N;
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* k0 = K + size_t(j) * D;
+    const T *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+    auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+    for (int e = 0; e < Dv; e += N) {
+      const auto qv = hn::LoadU(d, q + e);
+      a0 = hn::MulAdd(load_f32(d, k0 + e), qv, a0);
+      a1 = hn::MulAdd(load_f32(d, k1 + e), qv, a1);
+      a2 = hn::MulAdd(load_f32(d, k2 + e), qv, a2);
+      a3 = hn::MulAdd(load_f32(d, k3 + e), qv, a3);
+    }
+    float r0 = hn::GetLane(hn::SumOfLanes(d, a0)), r1 = hn::GetLane(hn::SumOfLanes(d, a1));
+    float r2 = hn::GetLane(hn::SumOfLanes(d, a2)), r3 = hn::GetLane(hn::SumOfLanes(d, a3));
+    for (int e = Dv; e < D; ++e) {
+      r0 += q[e] * scalar_f32(k0[e]);
+      r1 += q[e] * scalar_f32(k1[e]);
+      r2 += q[e] * scalar_f32(k2[e]);
+      r3 += q[e] * scalar_f32(k3[e]);
+    }
+    s[j] = r0 / sqrt_d;
+    s[j + 1] = r1 / sqrt_d;
+    s[j + 2] = r2 / sqrt_d;
+    s[j + 3] = r3 / sqrt_d;
+  }
+  for (; j < n; ++j) {
+    const T* k0 = K + size_t(j) * D;
+    auto a0 = hn::Zero(d);
+    for (int e = 0; e < Dv; e += N) a0 = hn::MulAdd(load_f32(d, k0 + e), hn::LoadU(d, q + e), a0);
+    float r0 = hn::GetLane(hn::SumOfLanes(d, a0));
+    for (int e = Dv; e < D; ++e) r0 += q[e] * scalar_f32(k0[e]);
+    s[j] = r0 / sqrt_d;
+  }
+}
+
+// acc[0..D) += Σ_j p[j] · V[j], four rows per pass over acc.
+template <typename T>
+void accumulate_rows(float* acc, const float* p, const T* V, int n, int D) {
+  const DF d;
+  const int N = int(hn::Lanes(d)), Dv = D / N * N;
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* v0 = V + size_t(j) * D;
+    const T *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
+    const auto p0 = hn::Set(d, p[j]), p1 = hn::Set(d, p[j + 1]), p2 = hn::Set(d, p[j + 2]), p3 = hn::Set(d, p[j + 3]);
+    for (int e = 0; e < Dv; e += N) {
+      auto a = hn::LoadU(d, acc + e);
+      a = hn::MulAdd(p0, load_f32(d, v0 + e), a);
+      a = hn::MulAdd(p1, load_f32(d, v1 + e), a);
+      a = hn::MulAdd(p2, load_f32(d, v2 + e), a);
+      a = hn::MulAdd(p3, load_f32(d, v3 + e), a);
+      hn::StoreU(a, d, acc + e);
+    }
+    for (int e = Dv; e < D; ++e)
+      acc[e] += p[j] * scalar_f32(v0[e]) + p[j + 1] * scalar_f32(v1[e]) + p[j + 2] * scalar_f32(v2[e]) +
+                p[j + 3] * scalar_f32(v3[e]);
+  }
+  for (; j < n; ++j) {
+    const T* v0 = V + size_t(j) * D;
+    const auto p0 = hn::Set(d, p[j]);
+    for (int e = 0; e < Dv; e += N) hn::StoreU(hn::MulAdd(p0, load_f32(d, v0 + e), hn::LoadU(d, acc + e)), d, acc + e);
+    for (int e = Dv; e < D; ++e) acc[e] += p[j] * scalar_f32(v0[e]);
+  }
+}
+
+template <typename T>
+void fused_query(const float* qi, const T* K, const T* V, int n, int D, float sqrt_d, float* s, float& max, float& sum,
+                 float* acc) {
+  score_rows(qi, K, n, D, sqrt_d, s);
+  float bmax = -INFINITY;
+  for (int j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
+  const float m = std::max(max, bmax);
+  const float rescale = std::exp(max - m);
+  sum = sum * rescale + exp_shift_sum(s, n, m);
+  scale_row(acc, D, rescale);
+  accumulate_rows(acc, s, V, n, D);
+  max = m;
+}
+
 }  // namespace
 
 HeadAttention::HeadAttention(const float* q, int nq, int ldq, int D)
@@ -112,26 +214,24 @@ void HeadAttention::add_gemm(const float* k, const float* v, int n, const int* l
 
 void HeadAttention::add_fused(const KVBlock& b, const int* limit) {
   scores_.resize(size_t(b.n));
-  float* s = scores_.data();
-  const size_t rb = row_bytes(b.type, D_);
-  const auto* K = static_cast<const uint8_t*>(b.k);
-  const auto* V = static_cast<const uint8_t*>(b.v);
   for (int i = 0; i < nq_; ++i) {
     const int visible = limit ? std::clamp(limit[i], 0, b.n) : b.n;
     if (visible == 0) continue;
     const float* qi = q_ + size_t(i) * ldq_;
-    float bmax = -INFINITY;
-    for (int j = 0; j < visible; ++j) {
-      s[j] = dot_row(b.type, K + j * rb, qi, D_) / sqrt_d_;
-      bmax = std::max(bmax, s[j]);
-    }
-    const float m = std::max(max_[i], bmax);
-    const float rescale = std::exp(max_[i] - m);
-    sum_[i] = sum_[i] * rescale + exp_shift_sum(s, visible, m);
     float* acc = &acc_[size_t(i) * D_];
-    scale_row(acc, D_, rescale);
-    for (int j = 0; j < visible; ++j) axpy_row(acc, s[j], b.type, V + j * rb, D_);
-    max_[i] = m;
+    switch (b.type) {
+      case DType::BF16:
+        fused_query(qi, static_cast<const hwy::bfloat16_t*>(b.k), static_cast<const hwy::bfloat16_t*>(b.v), visible, D_,
+                    sqrt_d_, scores_.data(), max_[i], sum_[i], acc);
+        break;
+      case DType::F16:
+        fused_query(qi, static_cast<const hwy::float16_t*>(b.k), static_cast<const hwy::float16_t*>(b.v), visible, D_,
+                    sqrt_d_, scores_.data(), max_[i], sum_[i], acc);
+        break;
+      default:
+        fused_query(qi, static_cast<const float*>(b.k), static_cast<const float*>(b.v), visible, D_, sqrt_d_,
+                    scores_.data(), max_[i], sum_[i], acc);
+    }
   }
 }
 
