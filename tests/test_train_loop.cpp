@@ -226,6 +226,7 @@ TEST(TrainLoop, SavedModelMatchesTrainingForwardThroughSession) {
 }
 
 TEST(TrainLoop, Cli) {
+  if (!fs::exists(LONGLLAMA_CLI)) GTEST_SKIP() << LONGLLAMA_CLI << " is not built (build the longllama target)";
   const fs::path dir = temp_dir("cli");
   json j = copy_run(dir / "out", 3);
   j["output"] = "out";  // relative to the config file

@@ -4,8 +4,8 @@
 //   m = b1·m + (1-b1)·g,  v = b2·v + (1-b2)·g²,  m̂ = m/(1-b1^t),  v̂ = v/(1-b2^t)
 //   p -= lr_t · (m̂ / (sqrt(v̂) + eps) + wd · p)          (decoupled weight decay)
 // Weight decay: every matrix (embeddings and lm_head included), but not the RMSNorm weights
-// unless decay_norms (decaying a norm gain pulls it towards 0, which no LLaMA recipe wants;
-// EasyLM's LLaMA applies it to all parameters).
+// unless decay_norms: decaying a norm gain pulls it towards 0, which no LLaMA recipe wants. (The
+// spec of the released JAX trainer does not say which parameters its optax mask covers.)
 #include <cstdint>
 #include <string>
 #include <vector>
