@@ -8,6 +8,7 @@
 
 #include "hwy/highway.h"
 #include "ops/quant.h"
+#include "ops/simd.h"
 #include "util/error.h"
 #include "util/half.h"
 
@@ -22,42 +23,6 @@ const uint8_t* MatrixRef::row(int64_t r) const {
 namespace {
 
 using DF = hn::ScalableTag<float>;
-
-// Four independent accumulators hide the FMA latency.
-float dot_f32_impl(const float* a, const float* b, int64_t n) {
-  const DF d;
-  const int64_t N = int64_t(hn::Lanes(d));
-  auto s0 = hn::Zero(d), s1 = hn::Zero(d), s2 = hn::Zero(d), s3 = hn::Zero(d);
-  int64_t i = 0;
-  for (; i + 4 * N <= n; i += 4 * N) {
-    s0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), s0);
-    s1 = hn::MulAdd(hn::LoadU(d, a + i + N), hn::LoadU(d, b + i + N), s1);
-    s2 = hn::MulAdd(hn::LoadU(d, a + i + 2 * N), hn::LoadU(d, b + i + 2 * N), s2);
-    s3 = hn::MulAdd(hn::LoadU(d, a + i + 3 * N), hn::LoadU(d, b + i + 3 * N), s3);
-  }
-  for (; i + N <= n; i += N) s0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), s0);
-  float s = hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(s0, s1), hn::Add(s2, s3))));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename HalfT, float (*scalar)(uint16_t)>
-float dot_half_impl(const uint16_t* a, const float* b, int64_t n) {
-  const DF d;
-  const hn::Rebind<HalfT, DF> dh;
-  const int64_t N = int64_t(hn::Lanes(d));
-  const HalfT* ah = reinterpret_cast<const HalfT*>(a);
-  auto s0 = hn::Zero(d), s1 = hn::Zero(d);
-  int64_t i = 0;
-  for (; i + 2 * N <= n; i += 2 * N) {
-    s0 = hn::MulAdd(hn::PromoteTo(d, hn::LoadU(dh, ah + i)), hn::LoadU(d, b + i), s0);
-    s1 = hn::MulAdd(hn::PromoteTo(d, hn::LoadU(dh, ah + i + N)), hn::LoadU(d, b + i + N), s1);
-  }
-  for (; i + N <= n; i += N) s0 = hn::MulAdd(hn::PromoteTo(d, hn::LoadU(dh, ah + i)), hn::LoadU(d, b + i), s0);
-  float s = hn::GetLane(hn::SumOfLanes(d, hn::Add(s0, s1)));
-  for (; i < n; ++i) s += scalar(a[i]) * b[i];
-  return s;
-}
 
 // Activations quantized to Q8_0 blocks (int8 + float scale) for the integer dot products.
 struct ActQ8 {
@@ -239,12 +204,12 @@ float dot_q4_0_impl(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
 
 }  // namespace
 
-float dot_f32(const float* a, const float* b, int64_t n) { return dot_f32_impl(a, b, n); }
+float dot_f32(const float* a, const float* b, int64_t n) { return simd::dot1(a, b, n); }
 float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
-  return dot_half_impl<hwy::bfloat16_t, bf16_to_f32>(a, b, n);
+  return simd::dot1(reinterpret_cast<const hwy::bfloat16_t*>(a), b, n);
 }
 float dot_f16(const uint16_t* a, const float* b, int64_t n) {
-  return dot_half_impl<hwy::float16_t, f16_to_f32>(a, b, n);
+  return simd::dot1(reinterpret_cast<const hwy::float16_t*>(a), b, n);
 }
 
 float dot_row(DType t, const void* row, const float* x, int64_t n) {
@@ -263,8 +228,30 @@ float dot_row(DType t, const void* row, const float* x, int64_t n) {
   }
 }
 
+namespace {
+
+// Plain types: four rows per step share every load of x (it does not fit in L1 for wide rows).
+template <typename T>
+void matvec_plain(const T* w, int64_t rows, int64_t cols, const float* x, float* y) {
+  const int64_t groups = rows / 4;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t g = 0; g < groups; ++g) {
+    const T* r = w + size_t(g) * 4 * cols;
+    simd::dot4(r, r + cols, r + 2 * cols, r + 3 * cols, x, cols, y + 4 * g);
+  }
+  for (int64_t r = groups * 4; r < rows; ++r) y[r] = simd::dot1(w + size_t(r) * cols, x, cols);
+}
+
+}  // namespace
+
 void matvec(const MatrixRef& W, const float* x, float* y) {
   const int64_t rows = W.rows, cols = W.cols;
+  switch (W.type) {
+    case DType::F32: return matvec_plain(static_cast<const float*>(W.data), rows, cols, x, y);
+    case DType::F16: return matvec_plain(static_cast<const hwy::float16_t*>(W.data), rows, cols, x, y);
+    case DType::BF16: return matvec_plain(static_cast<const hwy::bfloat16_t*>(W.data), rows, cols, x, y);
+    default: break;
+  }
   const size_t rb = row_bytes(W.type, cols);
   const auto* base = static_cast<const uint8_t*>(W.data);
   ActQ8 q;

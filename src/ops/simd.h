@@ -1,0 +1,93 @@
+#pragma once
+// Small Highway helpers shared by the kernels (static dispatch: compiled for the build's -march).
+#include <type_traits>
+
+#include "hwy/highway.h"
+#include "util/half.h"
+
+namespace ll::simd {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+
+// Loads Lanes(d) elements stored as float, bf16 or f16, widened to float.
+template <typename T>
+HWY_INLINE hn::Vec<DF> load_f32(DF d, const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return hn::LoadU(d, p);
+  } else {
+    const hn::Rebind<T, DF> dh;
+    return hn::PromoteTo(d, hn::LoadU(dh, p));
+  }
+}
+
+template <typename T>
+HWY_INLINE float scalar_f32(T x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, hwy::bfloat16_t>) return bf16_to_f32(x.bits);
+  else return f16_to_f32(x.bits);
+}
+
+// row · x with the same operation order as one row of dot4 (so the two agree to the bit).
+template <typename T>
+HWY_INLINE float dot1(const T* r0, const float* x, int64_t n) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  auto a0 = hn::Zero(d), b0 = hn::Zero(d);
+  int64_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    a0 = hn::MulAdd(load_f32(d, r0 + i), hn::LoadU(d, x + i), a0);
+    b0 = hn::MulAdd(load_f32(d, r0 + i + N), hn::LoadU(d, x + i + N), b0);
+  }
+  a0 = hn::Add(a0, b0);
+  for (; i + N <= n; i += N) a0 = hn::MulAdd(load_f32(d, r0 + i), hn::LoadU(d, x + i), a0);
+  float s0 = hn::GetLane(hn::SumOfLanes(d, a0));
+  for (; i < n; ++i) s0 += x[i] * scalar_f32(r0[i]);
+  return s0;
+}
+
+// out[r] = rows[r] · x for four rows of n elements: each load of x serves four rows.
+template <typename T>
+HWY_INLINE void dot4(const T* r0, const T* r1, const T* r2, const T* r3, const float* x, int64_t n, float* out) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+  auto b0 = hn::Zero(d), b1 = hn::Zero(d), b2 = hn::Zero(d), b3 = hn::Zero(d);
+  int64_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {  // two accumulators per row hide the FMA latency
+    const auto xv = hn::LoadU(d, x + i), xw = hn::LoadU(d, x + i + N);
+    a0 = hn::MulAdd(load_f32(d, r0 + i), xv, a0);
+    a1 = hn::MulAdd(load_f32(d, r1 + i), xv, a1);
+    a2 = hn::MulAdd(load_f32(d, r2 + i), xv, a2);
+    a3 = hn::MulAdd(load_f32(d, r3 + i), xv, a3);
+    b0 = hn::MulAdd(load_f32(d, r0 + i + N), xw, b0);
+    b1 = hn::MulAdd(load_f32(d, r1 + i + N), xw, b1);
+    b2 = hn::MulAdd(load_f32(d, r2 + i + N), xw, b2);
+    b3 = hn::MulAdd(load_f32(d, r3 + i + N), xw, b3);
+  }
+  a0 = hn::Add(a0, b0);
+  a1 = hn::Add(a1, b1);
+  a2 = hn::Add(a2, b2);
+  a3 = hn::Add(a3, b3);
+  for (; i + N <= n; i += N) {
+    const auto xv = hn::LoadU(d, x + i);
+    a0 = hn::MulAdd(load_f32(d, r0 + i), xv, a0);
+    a1 = hn::MulAdd(load_f32(d, r1 + i), xv, a1);
+    a2 = hn::MulAdd(load_f32(d, r2 + i), xv, a2);
+    a3 = hn::MulAdd(load_f32(d, r3 + i), xv, a3);
+  }
+  float s0 = hn::GetLane(hn::SumOfLanes(d, a0)), s1 = hn::GetLane(hn::SumOfLanes(d, a1));
+  float s2 = hn::GetLane(hn::SumOfLanes(d, a2)), s3 = hn::GetLane(hn::SumOfLanes(d, a3));
+  for (; i < n; ++i) {
+    s0 += x[i] * scalar_f32(r0[i]);
+    s1 += x[i] * scalar_f32(r1[i]);
+    s2 += x[i] * scalar_f32(r2[i]);
+    s3 += x[i] * scalar_f32(r3[i]);
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+}  // namespace ll::simd
