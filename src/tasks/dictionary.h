@@ -1,0 +1,81 @@
+#pragma once
+// The dictionary-lookup task of the Focused Transformer paper (appendix): a vocabulary of 64
+// symbols plus the marks <k>, <v>, <q>; a definition is `<k> k1 k2 k3 k4 <v> v1 v2 v3 v4`, a query
+// `<q> k1 k2 k3 k4 <v> v1 v2 v3 v4` repeats a definition and only its values are scored.
+//
+// Token ids (vocab_size 70): 0 pad/unk, 1 BOS, 2 EOS, 3 <k>, 4 <v>, 5 <q>, 6..69 the symbols.
+//
+// Layout. Every window of `window` tokens holds whole entries, padded with 0 at its end:
+//  - training document (`length` tokens, default 512 = 2 windows): BOS, then definition windows
+//    (all but the last window), then one query window ending in EOS. Only the last window holds
+//    queries, so with local context = window the queries reach their definitions through memory
+//    only (crossbatch positives in training, the memory at inference). Loss only on v1..v4 of the
+//    queries.
+//  - evaluation: a prefix of N tokens of definitions laid out the same way (BOS first, windows of
+//    whole definitions) followed by one query window of `window` tokens (25 queries for 256),
+//    which is scored.
+// Keys of the definitions of one document (or one evaluation prefix) are distinct; queries ask
+// about definitions drawn uniformly (without repetition while possible) from the whole prefix.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "train/tasks.h"
+
+namespace ll::tasks {
+
+namespace dict {
+constexpr int kPad = 0, kBos = 1, kEos = 2, kKeyMark = 3, kValueMark = 4, kQueryMark = 5, kFirstSymbol = 6;
+constexpr int kSymbols = 64;
+constexpr int kVocab = kFirstSymbol + kSymbols;  // 70
+constexpr int kKeyLength = 4, kValueLength = 4;
+constexpr int kEntry = 2 + kKeyLength + kValueLength;  // 10 tokens per definition or query
+}  // namespace dict
+
+struct DictionaryOptions {
+  int length = 512;  // tokens per training document (a multiple of window, >= 2 windows)
+  int window = 256;  // the local context: entries never straddle a window
+  // Definitions per definition window, drawn uniformly in [min_definitions, max_definitions]
+  // (clamped to what fits); fewer definitions make the lookup easier (a curriculum).
+  int min_definitions = 1000000, max_definitions = 1000000;  // default: as many as fit
+  int queries = 1000000;  // queries in the query window (clamped to what fits)
+  int symbols = dict::kSymbols;  // symbols used (<= 64): fewer make a smaller key space
+  static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
+};
+
+// A training document (tokens with BOS first and EOS last, loss only on queried values).
+train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng);
+
+// An evaluation document: `prefix` goes to memory, `queries` (one window, <= window tokens) is run
+// after it in one call; scored[i] says whether predicting queries[i] counts.
+struct DictionaryEval {
+  std::vector<int> prefix;
+  std::vector<int> queries;
+  std::vector<uint8_t> scored;
+  int64_t definitions = 0;
+};
+DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window = 256);
+
+// Greedy scoring of a call's logits: row i of logits [T x vocab] predicts tokens[i + 1]; a scored
+// token tokens[i] (i >= 1) counts as correct when argmax(row i - 1) == tokens[i] (ties go to the
+// lowest id). tokens[0] must not be scored (its prediction belongs to the previous call).
+struct Score {
+  int64_t correct = 0, total = 0;
+  double accuracy() const { return total ? double(correct) / double(total) : 0.0; }
+};
+Score score_greedy(const std::vector<float>& logits, int vocab, const std::vector<int>& tokens,
+                   const std::vector<uint8_t>& scored);
+
+// The trainer's task "dictionary" (options: the fields of DictionaryOptions).
+class DictionaryTask : public train::DocumentSource {
+ public:
+  DictionaryTask(const nlohmann::json& options, const std::string& where)
+      : o_(DictionaryOptions::from_json(options, where)) {}
+  train::Document next(train::Rng& rng) const override { return dictionary_document(o_, rng); }
+  int vocab_needed() const override { return dict::kVocab; }
+
+ private:
+  DictionaryOptions o_;
+};
+
+}  // namespace ll::tasks
