@@ -25,6 +25,7 @@ void add_generate_commands(CLI::App& app, Commands& out);  // generate, chat
 void add_model_commands(CLI::App& app, Commands& out);
 void add_bench_commands(CLI::App& app, Commands& out);     // bench     // tokenize, verify-reference, init-random, convert
 void add_train_commands(CLI::App& app, Commands& out);     // train
+void add_eval_commands(CLI::App& app, Commands& out);      // eval dictionary, eval passkey
 
 std::string read_text_file(const std::string& path, const std::string& what);
 

@@ -23,6 +23,7 @@ namespace {
 struct ModelArgs {
   std::string model, text, tmpl, system = ll::kDefaultSystemPrompt, case_dir, config, out, tokenizer, type = "f16";
   double tolerance = 1e-4;
+  LoadFlags load;  // verify-reference: --type / --mem-type only
   uint64_t seed = 0;
   bool json = false, f32 = false;
 };
@@ -44,13 +45,17 @@ int run_tokenize(const ModelArgs& a) {
 }
 
 int run_verify(const ModelArgs& a) {
-  const ll::ReferenceReport r = ll::verify_reference(a.case_dir, a.tolerance);
+  ll::ReferenceOptions opt;
+  if (!a.load.type.empty()) opt.weight_type = ll::parse_weight_type(a.load.type);
+  if (!a.load.mem_type.empty()) opt.mem_type = ll::parse_mem_dtype(a.load.mem_type, "--mem-type");
+  const ll::ReferenceReport r = ll::verify_reference(a.case_dir, a.tolerance, opt);
   if (a.json) {
     std::cout << r.to_json() << std::endl;
   } else {
     std::printf("%s (tolerance %g)\n", a.case_dir.c_str(), a.tolerance);
     for (const auto& s : r.scenarios) {
-      std::printf("  %-12s max |error| %.3g  %s\n", s.name.c_str(), s.max_abs_error, s.passed ? "ok" : "MISMATCH");
+      std::printf("  %-12s max |error| %.3g  mean KL %.3g  %s\n", s.name.c_str(), s.max_abs_error, s.mean_kl,
+                  s.passed ? "ok" : "MISMATCH");
       for (const auto& p : s.problems) std::printf("    %s\n", p.c_str());
     }
     std::printf("%s\n", r.passed() ? "PASS" : "FAIL");
@@ -97,6 +102,8 @@ void add_model_commands(CLI::App& app, Commands& out) {
   ver->add_option("case_dir", a->case_dir, "A directory in the layout of shared/reference/parity/<case>")->required();
   ver->add_option("--tolerance", a->tolerance, "Largest allowed absolute logit error")->capture_default_str();
   ver->add_flag("--json", a->json, "Print the report as JSON");
+  ver->add_option("--type", a->load.type, "Run with weights converted to f16, bf16, q8_0 or q4_0 (measures their error)");
+  ver->add_option("--mem-type", a->load.mem_type, "Store memory as bfloat16, float16 or float32 (measures the error)");
   out.push_back({ver, [a] { return run_verify(*a); }});
 
   auto* init = app.add_subcommand("init-random", "Write a random model in Hugging Face layout");

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   cli::add_model_commands(app, commands);
   cli::add_bench_commands(app, commands);
   cli::add_train_commands(app, commands);
+  cli::add_eval_commands(app, commands);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -22,7 +22,7 @@ bool ReferenceReport::passed() const {
 std::string ReferenceReport::to_json() const {
   nlohmann::json j = {{"case", case_dir}, {"tolerance", tolerance}, {"passed", passed()}};
   for (const auto& s : scenarios)
-    j["scenarios"].push_back({{"name", s.name}, {"max_abs_error", s.max_abs_error}, {"passed", s.passed},
+    j["scenarios"].push_back({{"name", s.name}, {"max_abs_error", s.max_abs_error}, {"mean_kl", s.mean_kl}, {"passed", s.passed},
                               {"problems", s.problems}});
   return j.dump(2);
 }
@@ -45,12 +45,30 @@ struct Golden {
 
 int argmax(const float* x, int n) { return int(std::max_element(x, x + n) - x); }
 
-void compare(ScenarioResult& r, const float* ours, const std::vector<float>& ref, size_t offset, size_t count,
+// Largest absolute error and mean KL over rows of V logits.
+void compare(ScenarioResult& r, const float* ours, const std::vector<float>& ref, size_t offset, size_t count, size_t V,
              double tol) {
   for (size_t i = 0; i < count; ++i) {
     double e = std::fabs(double(ours[i]) - double(ref[offset + i]));
     if (std::isnan(e)) e = INFINITY;
     r.max_abs_error = std::max(r.max_abs_error, e);
+  }
+  // KL(reference || ours) per row of V logits, accumulated as a running mean.
+  for (size_t row = 0; row + V <= count; row += V) {
+    const float* a = &ref[offset + row];
+    const float* b = ours + row;
+    const double ma = *std::max_element(a, a + V), mb = *std::max_element(b, b + V);
+    double za = 0, zb = 0;
+    for (size_t j = 0; j < V; ++j) {
+      za += std::exp(double(a[j]) - ma);
+      zb += std::exp(double(b[j]) - mb);
+    }
+    double kl = 0;
+    for (size_t j = 0; j < V; ++j) {
+      const double pa = std::exp(double(a[j]) - ma) / za;
+      kl += pa * ((double(a[j]) - ma - std::log(za)) - (double(b[j]) - mb - std::log(zb)));
+    }
+    r.mean_kl += (kl - r.mean_kl) / double(++r.rows);
   }
   if (!(r.max_abs_error <= tol)) r.passed = false;
 }
@@ -75,7 +93,7 @@ void check_lengths(ScenarioResult& r, const Session& s, const nlohmann::json& me
 
 }  // namespace
 
-ReferenceReport verify_reference(const std::string& case_dir, double tolerance) {
+ReferenceReport verify_reference(const std::string& case_dir, double tolerance, const ReferenceOptions& opt) {
   ReferenceReport report;
   report.case_dir = case_dir;
   report.tolerance = tolerance;
@@ -92,7 +110,8 @@ ReferenceReport verify_reference(const std::string& case_dir, double tolerance) 
       throw Error(meta_path + ": not valid JSON: " + e.what());
     }
   }
-  const Weights model = Weights::load(case_dir);
+  Weights model = Weights::load(case_dir, opt.weight_type);
+  if (opt.mem_type) model.config.mem_dtype = *opt.mem_type;
   const int V = model.config.vocab_size;
 
   // 1. Prompt with cache.
@@ -100,7 +119,7 @@ ReferenceReport verify_reference(const std::string& case_dir, double tolerance) 
   Session s1(model);
   ScenarioResult r1{"prompt"};
   std::vector<float> logits = s1.forward(prompt, true, LogitsWanted::All);
-  compare(r1, logits.data(), g.f32("prompt_logits"), 0, logits.size(), tolerance);
+  compare(r1, logits.data(), g.f32("prompt_logits"), 0, logits.size(), V, tolerance);
   check_lengths(r1, s1, meta, "memory_len_after_prompt", "local_cache_len_after_prompt");
   report.scenarios.push_back(r1);
 
@@ -119,7 +138,7 @@ ReferenceReport verify_reference(const std::string& case_dir, double tolerance) 
                               std::to_string(gen[i]));
       }
       last = s2.forward({gen[i]}, true, LogitsWanted::Last);  // the reference token, to keep comparing
-      compare(r2, last.data(), step, i * V, V, tolerance);
+      compare(r2, last.data(), step, i * V, V, V, tolerance);
     }
     check_lengths(r2, s2, meta, "memory_len_after_generation", nullptr);
   }
@@ -130,7 +149,7 @@ ReferenceReport verify_reference(const std::string& case_dir, double tolerance) 
   {
     Session s3(model);
     std::vector<float> l3 = s3.forward(prompt, false, LogitsWanted::All);
-    compare(r3, l3.data(), g.f32("logits_no_cache"), 0, l3.size(), tolerance);
+    compare(r3, l3.data(), g.f32("logits_no_cache"), 0, l3.size(), V, tolerance);
     double loss = 0;
     for (size_t t = 0; t + 1 < prompt.size(); ++t) {
       const float* row = &l3[t * V];
@@ -155,7 +174,7 @@ ReferenceReport verify_reference(const std::string& case_dir, double tolerance) 
   {
     Session s4 = s1;
     std::vector<float> l4 = s4.forward(g.ids("continued_ids"), true, LogitsWanted::All);
-    compare(r4, l4.data(), g.f32("continued_logits"), 0, l4.size(), tolerance);
+    compare(r4, l4.data(), g.f32("continued_logits"), 0, l4.size(), V, tolerance);
     check_lengths(r4, s4, meta, "memory_len_after_continued", "local_cache_len_after_continued");
   }
   report.scenarios.push_back(r4);

@@ -1,5 +1,6 @@
 #include "model/weights.h"
 
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -12,14 +13,14 @@ namespace fs = std::filesystem;
 
 namespace ll {
 
-namespace {
-
-// Converts a checkpoint tensor [rows, cols] to `type`, row by row, into huge-page RAM.
 WeightMatrix convert_matrix(const TensorRef& t, DType type) {
   const int64_t rows = t.shape[0], cols = t.shape[1];
-  if (dtype_is_quantized(type) && cols % kQBlock != 0)
-    throw Error(t.file + ": tensor '" + t.name + "' has " + std::to_string(cols) + " columns; " + dtype_name(type) +
-                " needs a multiple of 32");
+  if (dtype_is_quantized(type) && cols % kQBlock != 0) {
+    // As convert does: a width that is not whole 32-element blocks stays in f16.
+    std::fprintf(stderr, "%s: %s has %lld columns, not a multiple of 32: kept as F16\n", t.file.c_str(),
+                 t.name.c_str(), (long long)cols);
+    type = DType::F16;
+  }
   const size_t out_rb = row_bytes(type, cols), in_rb = row_bytes(t.dtype, cols);
   auto mem = alloc_huge(out_rb * size_t(rows));
   const auto* src = static_cast<const uint8_t*>(t.data);
@@ -38,6 +39,8 @@ WeightMatrix convert_matrix(const TensorRef& t, DType type) {
   }
   return {{type, rows, cols, mem.get()}, mem};
 }
+
+namespace {
 
 WeightMatrix from_vector(const std::vector<float>& v, int64_t rows, int64_t cols, DType type) {
   if (type == DType::F32) return {{DType::F32, rows, cols, v.data()}, nullptr};  // borrowed

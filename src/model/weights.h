@@ -19,6 +19,12 @@ struct WeightMatrix {
   std::shared_ptr<const void> owner;  // keeps the storage alive
 };
 
+struct TensorRef;
+// Converts a matrix tensor [rows, cols] to `type`, row by row, into huge-page RAM. A quantized
+// type whose 32-element blocks do not divide the width falls back to F16 (with a note on stderr),
+// as `convert` does.
+WeightMatrix convert_matrix(const TensorRef& t, DType type);
+
 struct LayerWeightsT {
   std::vector<float> attn_norm, ffn_norm;
   WeightMatrix wq, wk, wv, wo, w_gate, w_up, w_down;

@@ -1,3 +1,4 @@
+#include <cstdio>
 #include <cstring>
 #include <memory>
 
@@ -20,27 +21,7 @@ Weights Weights::load_gguf(const std::string& path, std::optional<DType> type, b
   auto matrix = [&](const TensorRef& t) -> WeightMatrix {
     const DType want = type.value_or(t.dtype);
     if (want == t.dtype && use_mmap) return {{t.dtype, t.shape[0], t.shape[1], t.data}, file};
-    // Copy (or convert) into huge-page RAM: faster to stream than page-cache pages.
-    const int64_t rows = t.shape[0], cols = t.shape[1];
-    if (dtype_is_quantized(want) && cols % kQBlock != 0)
-      throw Error(path + ": tensor '" + t.name + "' cannot be converted to " + dtype_name(want));
-    const size_t in_rb = row_bytes(t.dtype, cols), out_rb = row_bytes(want, cols);
-    auto mem = alloc_huge(out_rb * size_t(rows));
-    const auto* in = static_cast<const uint8_t*>(t.data);
-#pragma omp parallel
-    {
-      std::vector<float> tmp(static_cast<size_t>(cols));
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) {
-        if (want == t.dtype) {
-          std::memcpy(mem.get() + size_t(r) * out_rb, in + size_t(r) * in_rb, out_rb);
-        } else {
-          dequantize_row(t.dtype, in + size_t(r) * in_rb, cols, tmp.data());
-          quantize_row(want, tmp.data(), cols, mem.get() + size_t(r) * out_rb);
-        }
-      }
-    }
-    return {{want, rows, cols, mem.get()}, mem};
+    return convert_matrix(t, want);  // into huge-page RAM: faster to stream than page-cache pages
   };
   size_t i = 0;
   auto next = [&]() -> const TensorRef& { return *refs[i++]; };
