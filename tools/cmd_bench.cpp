@@ -162,10 +162,11 @@ void add_bench_commands(CLI::App& app, Commands& out) {
   auto* b = app.add_subcommand("bench", "Prompt processing and generation speed against this machine's limits");
   b->add_option("-m,--model", a->model, "Model directory or .gguf file");
   b->add_option("--random", a->random_config, "Benchmark random weights of this config.json shape instead");
-  b->add_option("-p,--n-prompt", a->pp, "Prompt tokens (pp)")->capture_default_str();
-  b->add_option("-n,--n-gen", a->tg, "Generated tokens (tg)")->capture_default_str();
-  b->add_option("--memory-tokens", a->memory_tokens, "Also time tg with this many tokens in memory (repeatable)");
-  b->add_option("-t,--threads", a->threads, "Threads (default: all cores)");
+  b->add_option("-p,--n-prompt", a->pp, "Prompt tokens (pp)")->capture_default_str()->check(CLI::Range(1, 1 << 30));
+  b->add_option("-n,--n-gen", a->tg, "Generated tokens (tg)")->capture_default_str()->check(CLI::Range(1, 1 << 30));
+  b->add_option("--memory-tokens", a->memory_tokens, "Also time tg with this many tokens in memory (repeatable)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
+  b->add_option("-t,--threads", a->threads, "Threads (default: all cores)")->check(CLI::Range(1, 1 << 30));
   b->add_flag("--json", a->json, "Print one JSON object");
   a->load.add(b);
   out.push_back({b, [a] { return run_bench(*a); }});

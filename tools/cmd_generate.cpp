@@ -130,7 +130,7 @@ void add_generate_commands(CLI::App& app, Commands& out) {
   gen->add_option("-p,--prompt", a->prompt, "Prompt text");
   gen->add_option("-f,--file", a->prompt_file, "Read the prompt from a file");
   gen->add_option("--doc", a->doc, "Long document loaded into memory before the prompt");
-  gen->add_option("-n,--n-predict", a->n, "Tokens to generate")->capture_default_str();
+  gen->add_option("-n,--n-predict", a->n, "Tokens to generate")->capture_default_str()->check(CLI::Range(0, 1 << 30));
   gen->add_option("--template", a->tmpl, "Prompt format: plain, instruct or chat")->capture_default_str();
   gen->add_option("--system", a->system, "System prompt of the instruct template");
   gen->add_option("--tokenizer", a->tokenizer, "tokenizer.model to use instead of the model's");
@@ -143,7 +143,7 @@ void add_generate_commands(CLI::App& app, Commands& out) {
   auto* chat = app.add_subcommand("chat", "Interactive chat; memory persists across turns");
   chat->add_option("-m,--model", a->model, "Model directory or .gguf file")->required();
   chat->add_option("--doc", a->doc, "Long document loaded into memory first");
-  chat->add_option("-n,--n-predict", a->n, "Maximum tokens per answer")->capture_default_str();
+  chat->add_option("-n,--n-predict", a->n, "Maximum tokens per answer")->capture_default_str()->check(CLI::Range(1, 1 << 30));
   chat->add_option("--tokenizer", a->tokenizer, "tokenizer.model to use instead of the model's");
   a->load.add(chat);
   add_sampling_flags(chat, a->sampling);
