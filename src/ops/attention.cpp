@@ -88,6 +88,17 @@ HWY_INLINE float scalar_f32(T x) {
   else return f16_to_f32(x.bits);
 }
 
+using D4 = hn::CappedTag<float, 4>;
+template <typename T>
+HWY_INLINE hn::Vec<D4> load4(D4 d, const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return hn::LoadU(d, p);
+  } else {
+    const hn::Rebind<T, D4> dh;
+    return hn::PromoteTo(d, hn::LoadU(dh, p));
+  }
+}
+
 // s[j] = (q · K[j]) / sqrt_d for n rows of D elements. Four rows at a time share each load of q.
 template <typename T>
 void score_rows(const float* q, const T* K, int n, int D, float sqrt_d, float* s) {
@@ -107,7 +118,23 @@ void score_rows(const float* q, const T* K, int n, int D, float sqrt_d, float* s
     }
     float r0 = hn::GetLane(hn::SumOfLanes(d, a0)), r1 = hn::GetLane(hn::SumOfLanes(d, a1));
     float r2 = hn::GetLane(hn::SumOfLanes(d, a2)), r3 = hn::GetLane(hn::SumOfLanes(d, a3));
-    for (int e = Dv; e < D; ++e) {
+    int e4 = Dv;
+    if (D - Dv >= 4) {  // head sizes like 100 leave a tail: take it 4 lanes at a time
+      const D4 d4;
+      auto t0 = hn::Zero(d4), t1 = hn::Zero(d4), t2 = hn::Zero(d4), t3 = hn::Zero(d4);
+      for (; e4 + 4 <= D; e4 += 4) {
+        const auto qv = hn::LoadU(d4, q + e4);
+        t0 = hn::MulAdd(load4(d4, k0 + e4), qv, t0);
+        t1 = hn::MulAdd(load4(d4, k1 + e4), qv, t1);
+        t2 = hn::MulAdd(load4(d4, k2 + e4), qv, t2);
+        t3 = hn::MulAdd(load4(d4, k3 + e4), qv, t3);
+      }
+      r0 += hn::GetLane(hn::SumOfLanes(d4, t0));
+      r1 += hn::GetLane(hn::SumOfLanes(d4, t1));
+      r2 += hn::GetLane(hn::SumOfLanes(d4, t2));
+      r3 += hn::GetLane(hn::SumOfLanes(d4, t3));
+    }
+    for (int e = e4; e < D; ++e) {
       r0 += q[e] * scalar_f32(k0[e]);
       r1 += q[e] * scalar_f32(k1[e]);
       r2 += q[e] * scalar_f32(k2[e]);
@@ -146,7 +173,20 @@ void accumulate_rows(float* acc, const float* p, const T* V, int n, int D) {
       a = hn::MulAdd(p3, load_f32(d, v3 + e), a);
       hn::StoreU(a, d, acc + e);
     }
-    for (int e = Dv; e < D; ++e)
+    int e4 = Dv;
+    if (D - Dv >= 4) {
+      const D4 d4;
+      const auto q0 = hn::Set(d4, p[j]), q1 = hn::Set(d4, p[j + 1]), q2 = hn::Set(d4, p[j + 2]), q3 = hn::Set(d4, p[j + 3]);
+      for (; e4 + 4 <= D; e4 += 4) {
+        auto a = hn::LoadU(d4, acc + e4);
+        a = hn::MulAdd(q0, load4(d4, v0 + e4), a);
+        a = hn::MulAdd(q1, load4(d4, v1 + e4), a);
+        a = hn::MulAdd(q2, load4(d4, v2 + e4), a);
+        a = hn::MulAdd(q3, load4(d4, v3 + e4), a);
+        hn::StoreU(a, d4, acc + e4);
+      }
+    }
+    for (int e = e4; e < D; ++e)
       acc[e] += p[j] * scalar_f32(v0[e]) + p[j + 1] * scalar_f32(v1[e]) + p[j + 2] * scalar_f32(v2[e]) +
                 p[j + 3] * scalar_f32(v3[e]);
   }
