@@ -154,3 +154,16 @@ TEST(Cli, ClearErrors) {
     fs::remove_all(dir);
   }
 }
+
+TEST(Cli, ChatAnswersEveryTurnAndKeepsGoing) {
+  if (!fs::exists(kTok)) GTEST_SKIP() << "no tokenizer at " << kTok;
+  const fs::path dir = temp_dir("chat");
+  const fs::path model = make_random_model(dir);
+  std::ofstream(dir / "turns.txt") << "Hello there\nWhat did I say?\nAnd now?\n";
+  const CliRun r = run("chat -m " + model.string() + " -n 6 --temp 0.7 --seed 1 < " + (dir / "turns.txt").string());
+  EXPECT_EQ(r.code, 0) << r.out;
+  size_t answers = 0;
+  for (size_t p = r.out.find("ASSISTANT:"); p != std::string::npos; p = r.out.find("ASSISTANT:", p + 1)) ++answers;
+  EXPECT_EQ(answers, 3u) << r.out;
+  fs::remove_all(dir);
+}
