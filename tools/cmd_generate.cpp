@@ -38,6 +38,20 @@ void check_vocab(const ll::Tokenizer& tok, const ll::Weights& m) {
                     " tokens, more than the model's vocab_size " + std::to_string(m.config.vocab_size));
 }
 
+// What generate and chat share: the model, its tokenizer, a session with the --doc in memory.
+// Built in place (the session points at the model).
+struct Loaded {
+  explicit Loaded(const GenerateArgs& a)
+      : model((ll::validate(a.sampling), load_model(a.model, a.load))), tok(open_tokenizer(model, a.tokenizer)), session(model) {
+    check_vocab(tok, model);
+    if (!a.doc.empty()) ingest_document(session, tok, a.doc);
+  }
+  Loaded(const Loaded&) = delete;
+  ll::Weights model;
+  ll::Tokenizer tok;
+  ll::Session session;
+};
+
 void print_text(const std::string& s) {
   std::fwrite(s.data(), 1, s.size(), stdout);
   std::fflush(stdout);
@@ -47,12 +61,10 @@ int run_generate(const GenerateArgs& a) {
   if (a.prompt.empty() == a.prompt_file.empty()) throw ll::Error("generate: give exactly one of -p TEXT or -f FILE");
   const std::string text = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file, "-f");
   const ll::PromptTemplate tmpl = ll::parse_template(a.tmpl);
-  ll::validate(a.sampling);
-  const ll::Weights model = load_model(a.model, a.load);
-  const ll::Tokenizer tok = open_tokenizer(model, a.tokenizer);
-  check_vocab(tok, model);
-  ll::Session session(model);
-  if (!a.doc.empty()) ingest_document(session, tok, a.doc);
+  Loaded l(a);
+  const ll::Weights& model = l.model;
+  const ll::Tokenizer& tok = l.tok;
+  ll::Session& session = l.session;
 
   ll::GenerateOptions opt;
   opt.max_new_tokens = a.n;
@@ -91,12 +103,9 @@ int run_generate(const GenerateArgs& a) {
 }
 
 int run_chat(const GenerateArgs& a) {
-  ll::validate(a.sampling);
-  const ll::Weights model = load_model(a.model, a.load);
-  const ll::Tokenizer tok = open_tokenizer(model, a.tokenizer);
-  check_vocab(tok, model);
-  ll::Session session(model);
-  if (!a.doc.empty()) ingest_document(session, tok, a.doc);
+  Loaded l(a);
+  const ll::Tokenizer& tok = l.tok;
+  ll::Session& session = l.session;
   ll::GenerateOptions opt;
   opt.max_new_tokens = a.n;
   opt.sampling = a.sampling;

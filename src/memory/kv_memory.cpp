@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "util/half.h"
+#include "ops/quant.h"
 
 namespace ll {
 
@@ -14,37 +14,13 @@ size_t KVMemory::bytes() const { return size_t(size_) * heads_ * head_dim_ * ele
 
 namespace {
 
-void store(MemDType t, const float* src, int n, uint8_t* dst) {
-  switch (t) {
-    case MemDType::F32: std::memcpy(dst, src, size_t(n) * 4); break;
-    case MemDType::BF16: {
-      auto* d = reinterpret_cast<uint16_t*>(dst);
-      for (int i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
-      break;
-    }
-    case MemDType::F16: {
-      auto* d = reinterpret_cast<uint16_t*>(dst);
-      for (int i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
-      break;
-    }
-  }
+DType storage_type(MemDType t) {
+  return t == MemDType::F32 ? DType::F32 : t == MemDType::BF16 ? DType::BF16 : DType::F16;
 }
 
-void load(MemDType t, const uint8_t* src, int n, float* dst) {
-  switch (t) {
-    case MemDType::F32: std::memcpy(dst, src, size_t(n) * 4); break;
-    case MemDType::BF16: {
-      auto* s = reinterpret_cast<const uint16_t*>(src);
-      for (int i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
-      break;
-    }
-    case MemDType::F16: {
-      auto* s = reinterpret_cast<const uint16_t*>(src);
-      for (int i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
-      break;
-    }
-  }
-}
+// Rounds like torch's .to(): nearest even (quantize_row's plain types).
+void store(MemDType t, const float* src, int n, uint8_t* dst) { quantize_row(storage_type(t), src, n, dst); }
+void load(MemDType t, const uint8_t* src, int n, float* dst) { dequantize_row(storage_type(t), src, n, dst); }
 
 }  // namespace
 
@@ -70,14 +46,12 @@ void KVMemory::append(const float* k, const float* v, int n, int ld) {
 }
 
 KVBlock KVMemory::block(int h, int64_t start, int max_n) const {
-  const DType t0 = dtype_ == MemDType::F32 ? DType::F32 : dtype_ == MemDType::BF16 ? DType::BF16 : DType::F16;
-  if (start >= size_ || max_n <= 0) return {t0, nullptr, nullptr, 0};
+  if (start >= size_ || max_n <= 0) return {storage_type(dtype_), nullptr, nullptr, 0};
   const Chunk& c = *chunks_[start / kChunkTokens];
   const int slot = int(start % kChunkTokens);
   const int n = int(std::min<int64_t>({int64_t(max_n), int64_t(kChunkTokens - slot), size_ - start}));
   const size_t off = size_t(h) * kChunkTokens * head_dim_ * elem_ + size_t(slot) * head_dim_ * elem_;
-  const DType t = dtype_ == MemDType::F32 ? DType::F32 : dtype_ == MemDType::BF16 ? DType::BF16 : DType::F16;
-  return {t, c.k.data() + off, c.v.data() + off, n};
+  return {storage_type(dtype_), c.k.data() + off, c.v.data() + off, n};
 }
 
 const void* KVMemory::value_row(int h, int64_t t) const {

@@ -10,6 +10,7 @@
 #include "hwy/highway.h"
 #include "ops/matmul.h"
 #include "ops/quant.h"
+#include "ops/simd.h"
 #include "util/half.h"
 
 namespace hn = hwy::HWY_NAMESPACE;
@@ -46,58 +47,9 @@ void scale_row(float* a, int n, float f) {
   for (; j < n; ++j) a[j] *= f;
 }
 
-// acc[0..D) += p * v[0..D) with v in its storage type.
-void axpy_row(float* acc, float p, DType t, const void* v, int D) {
-  const DF d;
-  const int N = int(hn::Lanes(d));
-  const auto vp = hn::Set(d, p);
-  int j = 0;
-  if (t == DType::F32) {
-    const float* vf = static_cast<const float*>(v);
-    for (; j + N <= D; j += N) hn::StoreU(hn::MulAdd(vp, hn::LoadU(d, vf + j), hn::LoadU(d, acc + j)), d, acc + j);
-    for (; j < D; ++j) acc[j] += p * vf[j];
-  } else if (t == DType::BF16) {
-    const hn::Rebind<hwy::bfloat16_t, DF> dh;
-    const auto* vh = static_cast<const hwy::bfloat16_t*>(v);
-    for (; j + N <= D; j += N)
-      hn::StoreU(hn::MulAdd(vp, hn::PromoteTo(d, hn::LoadU(dh, vh + j)), hn::LoadU(d, acc + j)), d, acc + j);
-    for (; j < D; ++j) acc[j] += p * bf16_to_f32(static_cast<const uint16_t*>(v)[j]);
-  } else {
-    const hn::Rebind<hwy::float16_t, DF> dh;
-    const auto* vh = static_cast<const hwy::float16_t*>(v);
-    for (; j + N <= D; j += N)
-      hn::StoreU(hn::MulAdd(vp, hn::PromoteTo(d, hn::LoadU(dh, vh + j)), hn::LoadU(d, acc + j)), d, acc + j);
-    for (; j < D; ++j) acc[j] += p * f16_to_f32(static_cast<const uint16_t*>(v)[j]);
-  }
-}
-
-// Element loads widened to float, for key/value rows stored as float, bf16 or f16.
-template <typename T>
-HWY_INLINE hn::Vec<DF> load_f32(DF d, const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return hn::LoadU(d, p);
-  } else {
-    const hn::Rebind<T, DF> dh;
-    return hn::PromoteTo(d, hn::LoadU(dh, p));
-  }
-}
-template <typename T>
-HWY_INLINE float scalar_f32(T x) {
-  if constexpr (std::is_same_v<T, float>) return x;
-  else if constexpr (std::is_same_v<T, hwy::bfloat16_t>) return bf16_to_f32(x.bits);
-  else return f16_to_f32(x.bits);
-}
-
+using simd::load_f32;
+using simd::scalar_f32;
 using D4 = hn::CappedTag<float, 4>;
-template <typename T>
-HWY_INLINE hn::Vec<D4> load4(D4 d, const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return hn::LoadU(d, p);
-  } else {
-    const hn::Rebind<T, D4> dh;
-    return hn::PromoteTo(d, hn::LoadU(dh, p));
-  }
-}
 
 // s[j] = (q · K[j]) / sqrt_d for n rows of D elements. Four rows at a time share each load of q.
 template <typename T>
@@ -124,10 +76,10 @@ void score_rows(const float* q, const T* K, int n, int D, float sqrt_d, float* s
       auto t0 = hn::Zero(d4), t1 = hn::Zero(d4), t2 = hn::Zero(d4), t3 = hn::Zero(d4);
       for (; e4 + 4 <= D; e4 += 4) {
         const auto qv = hn::LoadU(d4, q + e4);
-        t0 = hn::MulAdd(load4(d4, k0 + e4), qv, t0);
-        t1 = hn::MulAdd(load4(d4, k1 + e4), qv, t1);
-        t2 = hn::MulAdd(load4(d4, k2 + e4), qv, t2);
-        t3 = hn::MulAdd(load4(d4, k3 + e4), qv, t3);
+        t0 = hn::MulAdd(load_f32(d4, k0 + e4), qv, t0);
+        t1 = hn::MulAdd(load_f32(d4, k1 + e4), qv, t1);
+        t2 = hn::MulAdd(load_f32(d4, k2 + e4), qv, t2);
+        t3 = hn::MulAdd(load_f32(d4, k3 + e4), qv, t3);
       }
       r0 += hn::GetLane(hn::SumOfLanes(d4, t0));
       r1 += hn::GetLane(hn::SumOfLanes(d4, t1));
@@ -179,10 +131,10 @@ void accumulate_rows(float* acc, const float* p, const T* V, int n, int D) {
       const auto q0 = hn::Set(d4, p[j]), q1 = hn::Set(d4, p[j + 1]), q2 = hn::Set(d4, p[j + 2]), q3 = hn::Set(d4, p[j + 3]);
       for (; e4 + 4 <= D; e4 += 4) {
         auto a = hn::LoadU(d4, acc + e4);
-        a = hn::MulAdd(q0, load4(d4, v0 + e4), a);
-        a = hn::MulAdd(q1, load4(d4, v1 + e4), a);
-        a = hn::MulAdd(q2, load4(d4, v2 + e4), a);
-        a = hn::MulAdd(q3, load4(d4, v3 + e4), a);
+        a = hn::MulAdd(q0, load_f32(d4, v0 + e4), a);
+        a = hn::MulAdd(q1, load_f32(d4, v1 + e4), a);
+        a = hn::MulAdd(q2, load_f32(d4, v2 + e4), a);
+        a = hn::MulAdd(q3, load_f32(d4, v3 + e4), a);
         hn::StoreU(a, d4, acc + e4);
       }
     }
@@ -287,7 +239,11 @@ void HeadAttention::add_scored(int i, const float* scores, const void* const* va
   for (int j = 0; j < n; ++j) {
     const float p = std::exp(scores[j] - m);
     sum += p;
-    axpy_row(acc, p, vtype, values[j], D_);
+    switch (vtype) {  // one row at a time: the rows are scattered over the memory
+      case DType::BF16: accumulate_rows(acc, &p, static_cast<const hwy::bfloat16_t*>(values[j]), 1, D_); break;
+      case DType::F16: accumulate_rows(acc, &p, static_cast<const hwy::float16_t*>(values[j]), 1, D_); break;
+      default: accumulate_rows(acc, &p, static_cast<const float*>(values[j]), 1, D_);
+    }
   }
   sum_[i] = sum_[i] * rescale + sum;
   max_[i] = m;

@@ -10,13 +10,13 @@ namespace ll::simd {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
 
-// Loads Lanes(d) elements stored as float, bf16 or f16, widened to float.
-template <typename T>
-HWY_INLINE hn::Vec<DF> load_f32(DF d, const T* p) {
+// Loads Lanes(d) elements stored as float, bf16 or f16, widened to float (d: any float tag).
+template <class D, typename T>
+HWY_INLINE hn::Vec<D> load_f32(D d, const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return hn::LoadU(d, p);
   } else {
-    const hn::Rebind<T, DF> dh;
+    const hn::Rebind<T, D> dh;
     return hn::PromoteTo(d, hn::LoadU(dh, p));
   }
 }
