@@ -120,6 +120,11 @@ void ModelConfig::validate(const std::string& source) const {
 std::string ModelConfig::to_json() const {
   json j = {
       {"architectures", {"LongLlamaForCausalLM"}},
+      // As in the released checkpoints: with the official configuration_longllama.py and
+      // modeling_longllama.py beside it, transformers loads the directory (trust_remote_code).
+      {"auto_map",
+       {{"AutoConfig", "configuration_longllama.LongLlamaConfig"},
+        {"AutoModelForCausalLM", "modeling_longllama.LongLlamaForCausalLM"}}},
       {"model_type", "longllama"},
       {"torch_dtype", "float32"},
       {"vocab_size", vocab_size},
