@@ -73,4 +73,15 @@ void add_sampling_flags(CLI::App* app, ll::SamplingParams& p) {
   app->add_option("--seed", p.seed, "Random seed")->capture_default_str();
 }
 
+size_t available_ram_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  while (f >> key >> kb) {
+    if (key == "MemAvailable:") return kb * 1024;
+    f.ignore(256, '\n');
+  }
+  return 0;
+}
+
 }  // namespace cli

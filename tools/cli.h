@@ -62,4 +62,7 @@ ll::Weights load_model(const std::string& path, const LoadFlags& flags);
 
 void add_sampling_flags(CLI::App* app, ll::SamplingParams& p);
 
+// MemAvailable of /proc/meminfo in bytes (0 when unknown).
+size_t available_ram_bytes();
+
 }  // namespace cli

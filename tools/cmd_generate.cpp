@@ -23,11 +23,21 @@ struct GenerateArgs {
   ll::SamplingParams sampling;
 };
 
+// Fails early, naming the document, when its memory would not fit in the RAM available now.
+void check_fits(const ll::Session& s, int64_t tokens, const std::string& what) {
+  const size_t need = s.memory_bytes_for(tokens), avail = available_ram_bytes();
+  if (avail > 0 && need > avail / 10 * 9)
+    throw ll::Error(what + ": " + std::to_string(tokens) + " tokens need " + std::to_string(need >> 20) +
+                    " MiB of memory-layer keys/values, but only " + std::to_string(avail >> 20) +
+                    " MiB of RAM are available (--mem-type float16/bfloat16 halves float32; or shorten it)");
+}
+
 // Loads BOS + document into the session's memory, as the official Colab does.
 void ingest_document(ll::Session& s, const ll::Tokenizer& tok, const std::string& path) {
   std::vector<int> ids = {tok.bos()};
   const std::vector<int> doc = tok.encode(read_text_file(path, "--doc"));
   ids.insert(ids.end(), doc.begin(), doc.end());
+  check_fits(s, int64_t(ids.size()), "--doc " + path);
   ProgressLine progress("ingest " + path);
   s.forward(ids, true, ll::LogitsWanted::None, std::ref(progress));
 }
@@ -80,6 +90,7 @@ int run_generate(const GenerateArgs& a) {
       opt.stop.push_back("ASSISTANT:");
       break;
   }
+  check_fits(session, int64_t(prompt.size()), "the prompt");
   ProgressLine progress("prompt");
   const ll::GenerateResult r =
       ll::generate(session, tok, prompt, opt, a.json ? std::function<void(const std::string&)>() : print_text,

@@ -60,6 +60,12 @@ void Session::fill_memory_random(int64_t n, uint64_t seed) {
   }
 }
 
+size_t Session::memory_bytes_for(int64_t tokens) const {
+  const ModelConfig& c = w_->config;
+  const size_t elem = c.mem_dtype == MemDType::F32 ? 4 : 2;
+  return size_t(tokens) * c.mem_layers.size() * 2 * size_t(c.hidden_size) * elem;
+}
+
 int64_t Session::memory_length(int layer) const { return memory_.at(layer) ? memory_[layer]->size() : 0; }
 
 size_t Session::memory_bytes() const {

@@ -43,6 +43,8 @@ class Session {
   int local_length() const { return local_n_; }
   int64_t memory_length(int layer) const;  // 0 for layers without memory
   size_t memory_bytes() const;
+  // Bytes the memory layers need to hold `tokens` more tokens (keys and values).
+  size_t memory_bytes_for(int64_t tokens) const;
   int64_t tokens_seen() const { return tokens_seen_; }
   const Weights& weights() const { return *w_; }
   const ModelConfig& config() const { return w_->config; }
