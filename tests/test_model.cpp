@@ -293,3 +293,25 @@ TEST(Session, TopKWithLargeKEqualsDense) {
   EXPECT_LT(max_ab, 1e-5);
   EXPECT_GT(max_ac, 1e-4);  // k = 2 really drops memory keys
 }
+
+// With last_context_length 0 every token goes through memory windows; the last logits must still
+// be those of the last token (the same as asking for all of them).
+TEST(Session, LastLogitsWithZeroLastContextLength) {
+  ModelConfig c = tiny_config();
+  c.last_context_length = 0;
+  const Model m = Model::random(c, 15);
+  std::vector<int> doc(100);
+  for (size_t i = 0; i < doc.size(); ++i) doc[i] = int(i * 7 % 97);
+  Session a(m), b(m);
+  const auto last = a.forward(doc, false, LogitsWanted::Last);
+  const auto all = b.forward(doc, false, LogitsWanted::All);
+  ASSERT_EQ(last.size(), 97u);
+  double max_diff = 0, max_abs = 0;
+  for (int j = 0; j < 97; ++j) {
+    max_diff = std::max(max_diff, double(std::fabs(last[j] - all[all.size() - 97 + j])));
+    max_abs = std::max(max_abs, double(std::fabs(last[j])));
+  }
+  EXPECT_LT(max_diff, 1e-5);
+  EXPECT_GT(max_abs, 0.0);
+  EXPECT_EQ(a.memory_length(1), 100);
+}

@@ -100,7 +100,8 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
   // layer's attention cannot change anything, so they are skipped (exact, and it makes ingestion
   // linear in the input for a model with one memory layer).
   const bool kv_only = !window_cache && which != LogitsWanted::All && !c.mem_layers.empty();
-  auto run = [&](int64_t begin, int64_t end, bool cache, bool final) {
+  auto run = [&](int64_t begin, int64_t end, bool cache) {
+    const bool final = end == T;  // the last chunk (a prefix window when last_context_length is 0)
     float* out = nullptr;
     if (which == LogitsWanted::All) out = logits.data() + size_t(begin) * c.vocab_size;
     if (which == LogitsWanted::Last && final) out = logits.data();
@@ -108,8 +109,8 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
               which == LogitsWanted::Last && final, out, kv_only && !final);
     if (progress) progress(end, T);
   };
-  for (int64_t s = 0; s < pre; s += W) run(s, std::min(pre, s + W), window_cache, false);
-  if (pre < T) run(pre, T, use_cache, true);
+  for (int64_t s = 0; s < pre; s += W) run(s, std::min(pre, s + W), window_cache);
+  if (pre < T) run(pre, T, use_cache);
   return logits;
 }
 
