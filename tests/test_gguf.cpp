@@ -1,6 +1,8 @@
 // GGUF v3 reader/writer: round trips, a hand-built file checked against the spec, the streaming
 // writer, and hostile inputs that must end in ll::Error naming the file (run under ASan).
 #include <gtest/gtest.h>
+
+#include "test_support.h"
 #include <unistd.h>
 
 #include <cstring>
@@ -22,22 +24,7 @@ using namespace std::string_literals;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("longllama_test_gguf_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  size_t count() const { return size_t(std::distance(fs::directory_iterator(path), fs::directory_iterator())); }
-};
+using ll::testing::TempDir;
 
 std::string read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);

@@ -1,6 +1,8 @@
 // Checkpoint loading: real reference checkpoints, round trips, and hostile inputs that must end
 // in ll::Error (never a crash: run these under AddressSanitizer).
 #include <gtest/gtest.h>
+
+#include "test_support.h"
 #include <unistd.h>
 
 #include <cmath>
@@ -30,22 +32,7 @@ const char* kCases[] = {"small_mem", "plain_llama", "sharded_f32mem", "odd_heads
       GTEST_SKIP() << "reference data not found at " << kParity << " (../shared/reference)"; \
   } while (0)
 
-// A unique scratch directory, removed with everything in it.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("longllama_test_io_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using ll::testing::TempDir;
 
 std::string read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);

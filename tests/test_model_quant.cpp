@@ -2,6 +2,8 @@
 // logits close to float32 (measured bounds below), and the GGUF round trip (convert_to_gguf, then
 // Weights::load of the file, mmapped or copied) reproduces Weights::load(dir, type) exactly.
 #include <gtest/gtest.h>
+
+#include "test_support.h"
 #include <unistd.h>
 
 #include <algorithm>
@@ -31,21 +33,7 @@ namespace {
 
 const DType kTypes[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0};
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("longllama_test_mq_" + name + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string str(const std::string& child) const { return (path / child).string(); }
-};
+using ll::testing::TempDir;
 
 // hidden 64, 2 layers, layer 1 with memory, W = 32, last_context_length = 12: a 200-token prompt
 // sends 188 tokens through windows into memory.
@@ -270,7 +258,7 @@ TEST(GGUFRoundTrip, EveryTypeMmapAndRamMatchLoadDir) {
   sharpened_model(c, 4).save(model.string(), true);
   const std::string config_json = ModelConfig::from_file((model / "config.json").string()).to_json();
   for (DType t : kTypes) {
-    const std::string file = dir.str("m-" + type_name(t) + ".gguf");
+    const std::string file = dir.file("m-" + type_name(t) + ".gguf");
     convert_to_gguf(model.string(), file, t);
     ASSERT_TRUE(fs::is_regular_file(file));
     const Weights from_dir = Weights::load(model.string(), t);
@@ -307,7 +295,7 @@ TEST(GGUFRoundTrip, LoadConvertsStoredType) {
   const TempDir dir("conv");
   const fs::path model = dir.path / "model";
   sharpened_model(c, 5).save(model.string(), true);
-  const std::string f32 = dir.str("f32.gguf"), q4 = dir.str("q4.gguf");
+  const std::string f32 = dir.file("f32.gguf"), q4 = dir.file("q4.gguf");
   convert_to_gguf(model.string(), f32, DType::F32);
   convert_to_gguf(model.string(), q4, DType::Q4_0);
   for (bool mmap : {true, false}) {
@@ -336,7 +324,7 @@ TEST(GGUFRoundTrip, EmbedsTokenizer) {
   const fs::path model = dir.path / "model";
   sharpened_model(c, 6).save(model.string(), true);
   fs::copy_file(tok_path, model / "tokenizer.model");
-  const std::string file = dir.str("q8.gguf");
+  const std::string file = dir.file("q8.gguf");
   convert_to_gguf(model.string(), file, DType::Q8_0);
   const Tokenizer ref(tok_path);
   for (bool mmap : {true, false}) {
@@ -363,7 +351,7 @@ TEST(GGUFRoundTrip, NonMultipleOf32FallsBackToF16) {
   const TempDir dir("odd");
   const fs::path model = dir.path / "model";
   sharpened_model(c, 7).save(model.string(), true);
-  const std::string file = dir.str("q8.gguf");
+  const std::string file = dir.file("q8.gguf");
   convert_to_gguf(model.string(), file, DType::Q8_0);
   const auto ref = run_logits(Weights::load(model.string(), DType::F32));
   for (bool mmap : {true, false}) {
