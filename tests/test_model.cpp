@@ -315,3 +315,28 @@ TEST(Session, LastLogitsWithZeroLastContextLength) {
   EXPECT_GT(max_abs, 0.0);
   EXPECT_EQ(a.memory_length(1), 100);
 }
+
+// Q8 memory costs little next to bf16 rounding on a model with real memory use, and top-k works on it.
+TEST(Session, Q8MemoryCloseToFloat32Memory) {
+  ModelConfig c = tiny_config();
+  c.mem_dtype = MemDType::F32;
+  const Model m32 = Model::random(c, 16);
+  Model m8 = m32;
+  m8.config.mem_dtype = MemDType::Q8;
+  std::vector<int> doc(400);
+  for (size_t i = 0; i < doc.size(); ++i) doc[i] = int(i * 13 % 97);
+  Session a(m32), b(m8), t(m8);
+  t.set_memory_top_k(1 << 20);
+  const auto la = a.forward(doc, true, LogitsWanted::All);
+  const auto lb = b.forward(doc, true, LogitsWanted::All);
+  const auto lt = t.forward(doc, true, LogitsWanted::All);
+  double d8 = 0, dt = 0;
+  for (size_t i = 0; i < la.size(); ++i) {
+    d8 = std::max(d8, double(std::fabs(la[i] - lb[i])));
+    dt = std::max(dt, double(std::fabs(lb[i] - lt[i])));
+  }
+  EXPECT_GT(d8, 0.0);    // the memory really is quantized
+  EXPECT_LT(d8, 5e-3);   // random weights of std 0.02: logits move little
+  EXPECT_LT(dt, 1e-5);   // top-k over everything = dense, on Q8 memory too
+  EXPECT_EQ(b.memory_bytes(), size_t(b.memory_length(1)) * 4 * (8 + 4) * 2);
+}

@@ -1,6 +1,7 @@
 #include "memory/kv_memory.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "ops/quant.h"
@@ -8,21 +9,44 @@
 namespace ll {
 
 KVMemory::KVMemory(int heads, int head_dim, MemDType dtype)
-    : heads_(heads), head_dim_(head_dim), dtype_(dtype), elem_(dtype == MemDType::F32 ? 4 : 2) {}
+    : heads_(heads), head_dim_(head_dim), dtype_(dtype), elem_(dtype == MemDType::F32 ? 4 : dtype == MemDType::Q8 ? 1 : 2) {}
 
-size_t KVMemory::bytes() const { return size_t(size_) * heads_ * head_dim_ * elem_ * 2; }
+size_t KVMemory::bytes() const {
+  const size_t row = size_t(head_dim_) * elem_ + (dtype_ == MemDType::Q8 ? sizeof(float) : 0);
+  return size_t(size_) * heads_ * row * 2;
+}
 
 namespace {
 
 DType storage_type(MemDType t) {
-  return t == MemDType::F32 ? DType::F32 : t == MemDType::BF16 ? DType::BF16 : DType::F16;
+  switch (t) {
+    case MemDType::F32: return DType::F32;
+    case MemDType::BF16: return DType::BF16;
+    case MemDType::F16: return DType::F16;
+    case MemDType::Q8: return DType::I8;
+  }
+  return DType::F32;
 }
 
-// Rounds like torch's .to(): nearest even (quantize_row's plain types).
-void store(MemDType t, const float* src, int n, uint8_t* dst) { quantize_row(storage_type(t), src, n, dst); }
-void load(MemDType t, const uint8_t* src, int n, float* dst) { dequantize_row(storage_type(t), src, n, dst); }
-
 }  // namespace
+
+// One row: rounded like torch's .to() (nearest even) for the float types; Q8 keeps max|x|/127
+// as the row's scale and round(x / scale) as int8.
+void KVMemory::store_row(const float* x, uint8_t* q, float* scale) const {
+  if (dtype_ != MemDType::Q8) return quantize_row(storage_type(dtype_), x, head_dim_, q);
+  float amax = 0.0f;
+  for (int e = 0; e < head_dim_; ++e) amax = std::max(amax, std::fabs(x[e]));
+  const float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+  for (int e = 0; e < head_dim_; ++e) reinterpret_cast<int8_t*>(q)[e] = int8_t(std::lround(x[e] * inv));
+  *scale = s;
+}
+
+void KVMemory::load_rows(const uint8_t* q, const float* scale, int rows, float* out) const {
+  if (dtype_ != MemDType::Q8) return dequantize_row(storage_type(dtype_), q, int64_t(rows) * head_dim_, out);
+  for (int r = 0; r < rows; ++r)
+    for (int e = 0; e < head_dim_; ++e)
+      out[size_t(r) * head_dim_ + e] = float(reinterpret_cast<const int8_t*>(q)[size_t(r) * head_dim_ + e]) * scale[r];
+}
 
 void KVMemory::append(const float* k, const float* v, int n, int ld) {
   const size_t head_bytes = size_t(kChunkTokens) * head_dim_ * elem_;
@@ -32,6 +56,10 @@ void KVMemory::append(const float* k, const float* v, int n, int ld) {
       auto c = std::make_shared<Chunk>();
       c->k.resize(head_bytes * heads_);
       c->v.resize(head_bytes * heads_);
+      if (dtype_ == MemDType::Q8) {
+        c->ks.resize(size_t(heads_) * kChunkTokens);
+        c->vs.resize(size_t(heads_) * kChunkTokens);
+      }
       chunks_.push_back(std::move(c));
     } else if (chunks_.back().use_count() > 1) {
       chunks_.back() = std::make_shared<Chunk>(*chunks_.back());  // copy-on-write of a shared tail
@@ -39,8 +67,10 @@ void KVMemory::append(const float* k, const float* v, int n, int ld) {
     Chunk& c = *chunks_.back();
     for (int h = 0; h < heads_; ++h) {
       const size_t off = h * head_bytes + size_t(slot) * head_dim_ * elem_;
-      store(dtype_, k + int64_t(t) * ld + h * head_dim_, head_dim_, c.k.data() + off);
-      store(dtype_, v + int64_t(t) * ld + h * head_dim_, head_dim_, c.v.data() + off);
+      const size_t si = size_t(h) * kChunkTokens + size_t(slot);
+      const bool q8 = dtype_ == MemDType::Q8;
+      store_row(k + int64_t(t) * ld + h * head_dim_, c.k.data() + off, q8 ? &c.ks[si] : nullptr);
+      store_row(v + int64_t(t) * ld + h * head_dim_, c.v.data() + off, q8 ? &c.vs[si] : nullptr);
     }
   }
 }
@@ -51,7 +81,19 @@ KVBlock KVMemory::block(int h, int64_t start, int max_n) const {
   const int slot = int(start % kChunkTokens);
   const int n = int(std::min<int64_t>({int64_t(max_n), int64_t(kChunkTokens - slot), size_ - start}));
   const size_t off = size_t(h) * kChunkTokens * head_dim_ * elem_ + size_t(slot) * head_dim_ * elem_;
-  return {storage_type(dtype_), c.k.data() + off, c.v.data() + off, n};
+  KVBlock b{storage_type(dtype_), c.k.data() + off, c.v.data() + off, n};
+  if (dtype_ == MemDType::Q8) {
+    b.k_scale = &c.ks[size_t(h) * kChunkTokens + size_t(slot)];
+    b.v_scale = &c.vs[size_t(h) * kChunkTokens + size_t(slot)];
+  }
+  return b;
+}
+
+void KVMemory::value_f32(int h, int64_t t, float* out) const {
+  const Chunk& c = *chunks_[t / kChunkTokens];
+  const size_t slot = size_t(t % kChunkTokens);
+  const float* scale = dtype_ == MemDType::Q8 ? &c.vs[size_t(h) * kChunkTokens + slot] : nullptr;
+  load_rows(c.v.data() + size_t(h) * kChunkTokens * head_dim_ * elem_ + slot * head_dim_ * elem_, scale, 1, out);
 }
 
 const void* KVMemory::value_row(int h, int64_t t) const {
@@ -66,8 +108,10 @@ void KVMemory::read(int h, int64_t start, int count, float* kout, float* vout) c
     const int slot = int(start % kChunkTokens);
     const int n = std::min(count, kChunkTokens - slot);
     const size_t off = h * head_bytes + size_t(slot) * head_dim_ * elem_;
-    load(dtype_, c.k.data() + off, n * head_dim_, kout);
-    load(dtype_, c.v.data() + off, n * head_dim_, vout);
+    const size_t si = size_t(h) * kChunkTokens + size_t(slot);
+    const bool q8 = dtype_ == MemDType::Q8;
+    load_rows(c.k.data() + off, q8 ? &c.ks[si] : nullptr, n, kout);
+    load_rows(c.v.data() + off, q8 ? &c.vs[si] : nullptr, n, vout);
     kout += int64_t(n) * head_dim_;
     vout += int64_t(n) * head_dim_;
     start += n;

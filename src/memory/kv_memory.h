@@ -31,13 +31,18 @@ class KVMemory {
   // Zero-copy view of head h's keys/values from `start`: at most max_n tokens, never crossing a
   // chunk (storage is contiguous within one).
   KVBlock block(int h, int64_t start, int max_n) const;
-  // Storage of one token's value row of head h (type: block(...).type).
+  // One token's value row of head h as float32.
+  void value_f32(int h, int64_t t, float* out) const;
+  // Storage of one token's value row of head h (type: block(...).type; not for Q8 memory).
   const void* value_row(int h, int64_t t) const;
 
  private:
   struct Chunk {
     std::vector<uint8_t> k, v;  // [heads][kChunkTokens][head_dim] of dtype
+    std::vector<float> ks, vs;  // Q8 only: [heads][kChunkTokens] row scales
   };
+  void store_row(const float* x, uint8_t* q, float* scale) const;
+  void load_rows(const uint8_t* q, const float* scale, int rows, float* out) const;
   int heads_, head_dim_;
   MemDType dtype_;
   size_t elem_;

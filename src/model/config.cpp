@@ -16,6 +16,7 @@ const char* mem_dtype_name(MemDType t) {
     case MemDType::F32: return "float32";
     case MemDType::BF16: return "bfloat16";
     case MemDType::F16: return "float16";
+    case MemDType::Q8: return "q8";
   }
   return "?";
 }
@@ -24,7 +25,8 @@ MemDType parse_mem_dtype(const std::string& s, const std::string& source) {
   if (s == "bfloat16") return MemDType::BF16;
   if (s == "float32") return MemDType::F32;
   if (s == "float16") return MemDType::F16;
-  throw Error(source + ": mem_dtype '" + s + "' is not one of bfloat16, float32, float16");
+  if (s == "q8") return MemDType::Q8;
+  throw Error(source + ": mem_dtype '" + s + "' is not one of bfloat16, float32, float16, q8");
 }
 
 bool ModelConfig::is_mem_layer(int layer) const {

@@ -6,7 +6,10 @@
 
 namespace ll {
 
-enum class MemDType { F32, BF16, F16 };
+// How memory keys/values are stored. BF16/F16/F32 are torch dtypes (the official `mem_dtype`);
+// Q8 is this engine's own: each (token, head) row as int8 with one float scale (max|x|/127),
+// half the bytes of bf16.
+enum class MemDType { F32, BF16, F16, Q8 };
 
 struct ModelConfig {
   int vocab_size = 32000;

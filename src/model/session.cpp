@@ -62,8 +62,10 @@ void Session::fill_memory_random(int64_t n, uint64_t seed) {
 
 size_t Session::memory_bytes_for(int64_t tokens) const {
   const ModelConfig& c = w_->config;
-  const size_t elem = c.mem_dtype == MemDType::F32 ? 4 : 2;
-  return size_t(tokens) * c.mem_layers.size() * 2 * size_t(c.hidden_size) * elem;
+  const size_t row = c.mem_dtype == MemDType::F32 ? 4 * size_t(c.head_dim())
+                   : c.mem_dtype == MemDType::Q8  ? size_t(c.head_dim()) + sizeof(float)
+                                                  : 2 * size_t(c.head_dim());
+  return size_t(tokens) * c.mem_layers.size() * 2 * size_t(c.num_attention_heads) * row;
 }
 
 int64_t Session::memory_length(int layer) const { return memory_.at(layer) ? memory_[layer]->size() : 0; }
@@ -251,15 +253,24 @@ void Session::attention(int layer, const float* Q, const float* K, const float* 
         topk.add(blk, b);
         b += blk.n;
       }
-      const DType vtype = mem->size() > 0 ? mem->block(h, 0, 1).type : DType::F32;
-      std::vector<float> scores;
+      // Selected values are read in place, or widened to float32 rows for int8 (Q8) memory.
+      const bool widen = mem->dtype() == MemDType::Q8;
+      const DType vtype = widen ? DType::F32 : mem->block(h, 0, 1).type;
+      std::vector<float> scores, rows;
       std::vector<const void*> values;
       for (int i = 0; i < nq; ++i) {
         scores.clear();
         values.clear();
-        for (const auto& hit : topk.take(i)) {
-          scores.push_back(hit.score);
-          values.push_back(mem->value_row(h, hit.index));
+        const auto hits = topk.take(i);
+        if (widen) rows.resize(hits.size() * size_t(D));
+        for (size_t r = 0; r < hits.size(); ++r) {
+          scores.push_back(hits[r].score);
+          if (widen) {
+            mem->value_f32(h, hits[r].index, &rows[r * D]);
+            values.push_back(&rows[r * D]);
+          } else {
+            values.push_back(mem->value_row(h, hits[r].index));
+          }
         }
         att.add_scored(i, scores.data(), values.data(), int(scores.size()), vtype);
       }

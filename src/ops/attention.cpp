@@ -170,14 +170,29 @@ HeadAttention::HeadAttention(const float* q, int nq, int ldq, int D)
     : q_(q), nq_(nq), ldq_(ldq), D_(D), inv_sqrt_(1.0f / std::sqrt(float(D))), sqrt_d_(std::sqrt(float(D))),
       max_(size_t(nq), -INFINITY), sum_(size_t(nq), 0.0f), acc_(size_t(nq) * D, 0.0f) {}
 
+namespace {
+void rows_to_f32(DType t, const void* rows, const float* scale, int n, int D, float* out) {
+  if (t != DType::I8) return dequantize_row(t, rows, int64_t(n) * D, out);
+  const auto* q = static_cast<const int8_t*>(rows);
+  for (int r = 0; r < n; ++r)
+    for (int e = 0; e < D; ++e) out[size_t(r) * D + e] = float(q[size_t(r) * D + e]) * scale[r];
+}
+}  // namespace
+
+void kv_block_to_f32(const KVBlock& b, int D, float* k, float* v) {
+  if (k) rows_to_f32(b.type, b.k, b.k_scale, b.n, D, k);
+  if (v) rows_to_f32(b.type, b.v, b.v_scale, b.n, D, v);
+}
+
 void HeadAttention::add(const KVBlock& b, const int* limit) {
   if (b.n <= 0) return;
-  if (nq_ < kGemmMinQueries) return add_fused(b, limit);
+  // bf16/f16 rows are widened in registers by the fused loop; int8 rows are widened here first.
+  if (nq_ < kGemmMinQueries && b.type != DType::I8) return add_fused(b, limit);
   if (b.type == DType::F32) return add_gemm(static_cast<const float*>(b.k), static_cast<const float*>(b.v), b.n, limit);
   kbuf_.resize(size_t(b.n) * D_);
   vbuf_.resize(size_t(b.n) * D_);
-  dequantize_row(b.type, b.k, int64_t(b.n) * D_, kbuf_.data());
-  dequantize_row(b.type, b.v, int64_t(b.n) * D_, vbuf_.data());
+  kv_block_to_f32(b, D_, kbuf_.data(), vbuf_.data());
+  if (nq_ < kGemmMinQueries) return add_fused({DType::F32, kbuf_.data(), vbuf_.data(), b.n}, limit);
   add_gemm(kbuf_.data(), vbuf_.data(), b.n, limit);
 }
 
@@ -275,24 +290,28 @@ void TopKScorer::push(int i, float score, int64_t index) {
 
 void TopKScorer::add(const KVBlock& b, int64_t first_index) {
   if (b.n <= 0 || k_ <= 0) return;
-  scores_.resize(size_t(b.n));
-  const float* k = static_cast<const float*>(b.k);
-  if (b.type != DType::F32 && nq_ >= HeadAttention::kGemmMinQueries) {
+  // Keys as stored (the dot loop widens bf16/f16 itself), or widened to float32 first for the
+  // sgemm path and for int8 rows.
+  DType kt = b.type;
+  const void* keys = b.k;
+  if (b.type == DType::I8 || (b.type != DType::F32 && nq_ >= HeadAttention::kGemmMinQueries)) {
     kbuf_.resize(size_t(b.n) * D_);
-    dequantize_row(b.type, b.k, int64_t(b.n) * D_, kbuf_.data());
-    k = kbuf_.data();
+    kv_block_to_f32(b, D_, kbuf_.data(), nullptr);  // scoring needs only the keys
+    kt = DType::F32;
+    keys = kbuf_.data();
   }
   if (nq_ >= HeadAttention::kGemmMinQueries) {
     std::vector<float> S(size_t(nq_) * b.n);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq_, b.n, D_, 1.0f, q_, ldq_, k, D_, 0.0f, S.data(), b.n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq_, b.n, D_, 1.0f, q_, ldq_, static_cast<const float*>(keys),
+                D_, 0.0f, S.data(), b.n);
     for (int i = 0; i < nq_; ++i)
       for (int j = 0; j < b.n; ++j) push(i, S[size_t(i) * b.n + j] / sqrt_d_, first_index + j);
     return;
   }
-  const size_t rb = row_bytes(b.type, D_);
-  const auto* K = static_cast<const uint8_t*>(b.k);
+  const size_t rb = row_bytes(kt, D_);
+  const auto* K = static_cast<const uint8_t*>(keys);
   for (int i = 0; i < nq_; ++i)
-    for (int j = 0; j < b.n; ++j) push(i, dot_row(b.type, K + j * rb, q_ + size_t(i) * ldq_, D_) / sqrt_d_, first_index + j);
+    for (int j = 0; j < b.n; ++j) push(i, dot_row(kt, K + j * rb, q_ + size_t(i) * ldq_, D_) / sqrt_d_, first_index + j);
 }
 
 std::vector<TopKScorer::Hit> TopKScorer::take(int i) {

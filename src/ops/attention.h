@@ -14,11 +14,16 @@
 namespace ll {
 
 struct KVBlock {
-  DType type = DType::F32;  // F32, BF16 or F16; rows of D elements
-  const void* k = nullptr;
+  DType type = DType::F32;  // F32, BF16 or F16; or I8 with one float scale per row (Q8 memory)
+  const void* k = nullptr;  // n rows of D elements
   const void* v = nullptr;
   int n = 0;
+  const float* k_scale = nullptr;  // I8 only: row r is k[r] * k_scale[r]
+  const float* v_scale = nullptr;
 };
+
+// The block's keys and values as float32 rows ([n][D] each); a null k or v is skipped.
+void kv_block_to_f32(const KVBlock& b, int D, float* k, float* v);
 
 class HeadAttention {
  public:
