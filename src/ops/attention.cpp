@@ -150,17 +150,26 @@ void accumulate_rows(float* acc, const float* p, const T* V, int n, int D) {
   }
 }
 
+// One query over n key/value rows. Int8 rows come with per-row scales: a key's scale multiplies
+// its score, a value's scale its softmax weight (p2 holds the scaled weights).
 template <typename T>
 void fused_query(const float* qi, const T* K, const T* V, int n, int D, float sqrt_d, float* s, float& max, float& sum,
-                 float* acc) {
+                 float* acc, const float* k_scale = nullptr, const float* v_scale = nullptr, float* p2 = nullptr) {
   score_rows(qi, K, n, D, sqrt_d, s);
+  if (k_scale)
+    for (int j = 0; j < n; ++j) s[j] *= k_scale[j];
   float bmax = -INFINITY;
   for (int j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
   const float m = std::max(max, bmax);
   const float rescale = std::exp(max - m);
   sum = sum * rescale + exp_shift_sum(s, n, m);
   scale_row(acc, D, rescale);
-  accumulate_rows(acc, s, V, n, D);
+  if (v_scale) {
+    for (int j = 0; j < n; ++j) p2[j] = s[j] * v_scale[j];
+    accumulate_rows(acc, p2, V, n, D);
+  } else {
+    accumulate_rows(acc, s, V, n, D);
+  }
   max = m;
 }
 
@@ -186,13 +195,12 @@ void kv_block_to_f32(const KVBlock& b, int D, float* k, float* v) {
 
 void HeadAttention::add(const KVBlock& b, const int* limit) {
   if (b.n <= 0) return;
-  // bf16/f16 rows are widened in registers by the fused loop; int8 rows are widened here first.
-  if (nq_ < kGemmMinQueries && b.type != DType::I8) return add_fused(b, limit);
+  // Few queries: the fused loop widens bf16/f16/int8 rows in registers. Many: float32 + sgemm.
+  if (nq_ < kGemmMinQueries) return add_fused(b, limit);
   if (b.type == DType::F32) return add_gemm(static_cast<const float*>(b.k), static_cast<const float*>(b.v), b.n, limit);
   kbuf_.resize(size_t(b.n) * D_);
   vbuf_.resize(size_t(b.n) * D_);
   kv_block_to_f32(b, D_, kbuf_.data(), vbuf_.data());
-  if (nq_ < kGemmMinQueries) return add_fused({DType::F32, kbuf_.data(), vbuf_.data(), b.n}, limit);
   add_gemm(kbuf_.data(), vbuf_.data(), b.n, limit);
 }
 
@@ -234,6 +242,11 @@ void HeadAttention::add_fused(const KVBlock& b, const int* limit) {
       case DType::F16:
         fused_query(qi, static_cast<const hwy::float16_t*>(b.k), static_cast<const hwy::float16_t*>(b.v), visible, D_,
                     sqrt_d_, scores_.data(), max_[i], sum_[i], acc);
+        break;
+      case DType::I8:
+        pscaled_.resize(size_t(b.n));
+        fused_query(qi, static_cast<const int8_t*>(b.k), static_cast<const int8_t*>(b.v), visible, D_, sqrt_d_,
+                    scores_.data(), max_[i], sum_[i], acc, b.k_scale, b.v_scale, pscaled_.data());
         break;
       default:
         fused_query(qi, static_cast<const float*>(b.k), static_cast<const float*>(b.v), visible, D_, sqrt_d_,

@@ -47,7 +47,7 @@ class HeadAttention {
   float inv_sqrt_;
   float sqrt_d_;
   std::vector<float> max_, sum_, acc_;  // per query: running max, sum; [nq][D] weighted values
-  std::vector<float> scores_, kbuf_, vbuf_;
+  std::vector<float> scores_, kbuf_, vbuf_, pscaled_;
 };
 
 // Exact top-k retrieval: scores every key of a sequence of blocks for each query, keeping the k

@@ -10,11 +10,15 @@ namespace ll::simd {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
 
-// Loads Lanes(d) elements stored as float, bf16 or f16, widened to float (d: any float tag).
+// Loads Lanes(d) elements stored as float, bf16, f16 or int8, widened to float (d: any float tag).
 template <class D, typename T>
 HWY_INLINE hn::Vec<D> load_f32(D d, const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return hn::LoadU(d, p);
+  } else if constexpr (std::is_same_v<T, int8_t>) {
+    const hn::Rebind<int32_t, D> di;
+    const hn::Rebind<int8_t, D> d8;
+    return hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, p)));
   } else {
     const hn::Rebind<T, D> dh;
     return hn::PromoteTo(d, hn::LoadU(dh, p));
@@ -24,6 +28,7 @@ HWY_INLINE hn::Vec<D> load_f32(D d, const T* p) {
 template <typename T>
 HWY_INLINE float scalar_f32(T x) {
   if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, int8_t>) return float(x);
   else if constexpr (std::is_same_v<T, hwy::bfloat16_t>) return bf16_to_f32(x.bits);
   else return f16_to_f32(x.bits);
 }
