@@ -72,12 +72,12 @@ void BM_Matmul(benchmark::State& st, DType t) {
   st.counters["FLOP/s"] = benchmark::Counter(2.0 * n * kRows * kCols * double(st.iterations()), benchmark::Counter::kIsRate);
 }
 
-// Decoding over memory: one query of one head against a bf16 memory of range(0) tokens through
-// HeadAttention (fused, reads bf16 directly), vs the library path (convert to f32, then sgemv for
-// the scores and for the weighted values).
-void BM_MemoryAttention(benchmark::State& st, bool library) {
+// Decoding over memory: one query of one head against a memory of range(0) tokens (bf16 or q8)
+// through HeadAttention (fused, widens rows in registers), vs the library path (convert to f32,
+// then sgemv for the scores and for the weighted values).
+void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type) {
   const int n = int(st.range(0)), D = 100;
-  KVMemory mem(1, D, MemDType::BF16);
+  KVMemory mem(1, D, type);
   std::vector<float> k(size_t(KVMemory::kChunkTokens) * D, 0.01f);
   for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, D);
   std::vector<float> q(D, 0.1f), out(D), kf(size_t(n) * D), vf(size_t(n) * D), s(n);
@@ -114,6 +114,7 @@ BENCHMARK_CAPTURE(BM_Matvec, q4_0, DType::Q4_0)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused, false)->Arg(65536)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, library, true)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Arg(65536)->UseRealTime();
 BENCHMARK_MAIN();
