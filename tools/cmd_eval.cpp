@@ -53,7 +53,6 @@ int run_eval(const EvalArgs& a) {
   const std::vector<uint64_t> seeds = parse_seeds(a.seeds);
   if (a.threads > 0) omp_set_num_threads(a.threads);
   ll::Weights w = load_model(a.model, a.load);
-  if (!a.load.mem_type.empty()) w.config.mem_dtype = ll::parse_mem_dtype(a.load.mem_type, "--mem-type");
   std::unique_ptr<ll::Tokenizer> tok;
   if (a.task == "passkey") tok = std::make_unique<ll::Tokenizer>(open_tokenizer(w, a.tokenizer));
 

@@ -39,6 +39,10 @@ struct DictionaryOptions {
   // (clamped to what fits); fewer definitions make the lookup easier (a curriculum).
   int min_definitions = 1000000, max_definitions = 1000000;  // default: as many as fit
   int queries = 1000000;  // queries in the query window (clamped to what fits)
+  // Definitions that open the query window itself: their queries are answerable locally, a
+  // stepping stone for learning the lookup before it has to go through memory.
+  int local_definitions = 0;
+  bool unique_queries = false;  // at most one query per definition (else definitions repeat)
   int symbols = dict::kSymbols;  // symbols used (<= 64): fewer make a smaller key space
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };

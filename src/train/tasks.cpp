@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "tasks/dictionary.h"
+#include "tasks/passkey.h"
 #include "util/error.h"
 
 namespace ll::train {
@@ -89,6 +91,11 @@ std::map<std::string, TaskFactory>& task_registry() {
   static std::map<std::string, TaskFactory> r = {
       {"copy", [](const nlohmann::json& o, const Tokenizer*,
                   const std::string& where) { return std::unique_ptr<DocumentSource>(new CopyTask(o, where)); }},
+      // src/tasks/: the paper's dictionary lookup and the LongLLaMA passkey prompt (docs/tasks.md).
+      {"dictionary", [](const nlohmann::json& o, const Tokenizer*,
+                        const std::string& where) { return std::unique_ptr<DocumentSource>(new tasks::DictionaryTask(o, where)); }},
+      {"passkey", [](const nlohmann::json& o, const Tokenizer* tok,
+                     const std::string& where) { return std::unique_ptr<DocumentSource>(new tasks::PasskeyTask(o, tok, where)); }},
   };
   return r;
 }

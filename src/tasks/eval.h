@@ -1,0 +1,45 @@
+#pragma once
+// Long-memory evaluations of a model: the dictionary lookup and passkey retrieval (docs/tasks.md).
+// Both build the memory from a long prefix first (windows of max_position_embeddings tokens, kv-only
+// where exact, so a model with one memory layer ingests in linear time), then run the part that is
+// scored in one call that stays in the local window.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "model/weights.h"
+#include "tokenizer/tokenizer.h"
+
+namespace ll::tasks {
+
+// Progress of the ingestion: tokens done, tokens in the prefix.
+using IngestProgress = std::function<void(int64_t done, int64_t total)>;
+
+struct SeedResult {
+  uint64_t seed = 0;
+  int64_t correct = 0, total = 0;  // dictionary: value tokens; passkey: 1 trial
+  double accuracy = 0.0;
+  int64_t prefix_tokens = 0;      // tokens ingested into memory
+  int64_t prompt_tokens = 0;      // prefix + the scored call
+  double ingest_seconds = 0.0;
+  size_t memory_bytes = 0;
+  // passkey only
+  int key = 0;
+  double depth = 0.0;
+  std::vector<int> answer, generated;
+};
+
+// Dictionary lookup: N = tokens of definitions in memory, then one query window of W tokens
+// (W = max_position_embeddings; 25 queries for W = 256). Accuracy = fraction of the queried value
+// tokens whose greedy argmax prediction, given the true prefix (teacher forcing), is exact.
+SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k, const IngestProgress& progress);
+
+// Passkey: the LongLLaMA prompt of `tokens` tokens (<= tokens, as close as the text allows), the
+// key at `depth` (< 0: uniform random from the seed); the last min(T, W - answer - 1) tokens (the
+// question included) run in one call with a local cache after the rest went to memory; then the
+// answer's length of tokens is generated greedily. Correct iff all of them equal the key's tokens.
+SeedResult eval_passkey(Weights& w, const Tokenizer& tok, int64_t tokens, uint64_t seed, double depth, int top_k,
+                        const IngestProgress& progress);
+
+}  // namespace ll::tasks

@@ -1,0 +1,374 @@
+// Long-memory tasks (src/tasks/): the dictionary lookup and passkey generators, their scoring, and
+// `longllama eval` through the CLI on a tiny random model.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "model/config.h"
+#include "tasks/dictionary.h"
+#include "tasks/passkey.h"
+#include "tokenizer/tokenizer.h"
+#include "train/tasks.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+using namespace ll;
+using namespace ll::tasks::dict;
+
+namespace {
+
+const fs::path kTok = fs::path(LONGLLAMA_TOKENIZER_DIR) / "openllama_v2.model";
+
+std::vector<int> key_of(const std::vector<int>& t, size_t at) { return {t.begin() + at + 1, t.begin() + at + 5}; }
+std::vector<int> values_of(const std::vector<int>& t, size_t at) { return {t.begin() + at + 6, t.begin() + at + 10}; }
+
+// Checks a window of definitions starting at `begin` (BOS first when first); returns key -> values.
+std::map<std::vector<int>, std::vector<int>> check_definitions(const std::vector<int>& t, size_t begin, size_t end,
+                                                               bool first, int* count = nullptr) {
+  std::map<std::vector<int>, std::vector<int>> defs;
+  size_t i = begin;
+  if (first) {
+    EXPECT_EQ(t[i], kBos);
+    ++i;
+  }
+  int n = 0;
+  while (i < end && t[i] == kKeyMark) {
+    EXPECT_LE(i + kEntry, end) << "a definition straddles a window";
+    EXPECT_EQ(t[i + 5], kValueMark);
+    for (int j : {1, 2, 3, 4, 6, 7, 8, 9}) {
+      EXPECT_GE(t[i + j], kFirstSymbol);
+      EXPECT_LT(t[i + j], kVocab);
+    }
+    EXPECT_TRUE(defs.emplace(key_of(t, i), values_of(t, i)).second) << "keys of definitions must be distinct";
+    i += kEntry;
+    ++n;
+  }
+  for (; i < end; ++i) EXPECT_EQ(t[i], kPad) << "at " << i;
+  if (count) *count = n;
+  return defs;
+}
+
+struct CliRun {
+  int code;
+  std::string out;
+};
+CliRun run_cli(const std::string& args, const char* redirect = "2>/dev/null") {
+  const std::string cmd = std::string(LONGLLAMA_CLI) + " " + args + " " + redirect;
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+fs::path temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("longllama_test_tasks_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+}  // namespace
+
+TEST(Dictionary, TrainingDocumentLayout) {
+  const auto o = tasks::DictionaryOptions::from_json(nlohmann::json::object(), "t");
+  train::Rng rng(5);
+  const train::Document d = tasks::dictionary_document(o, rng);
+  ASSERT_EQ(d.tokens.size(), 512u);
+  ASSERT_EQ(d.loss.size(), 512u);
+  EXPECT_EQ(d.tokens.back(), kEos);
+  int n = 0;
+  const auto defs = check_definitions(d.tokens, 0, 256, true, &n);
+  EXPECT_EQ(n, 25);  // (256 - 1) / 10
+  for (size_t i = 0; i < 256; ++i) EXPECT_EQ(d.loss[i], 0);
+  // Query window: 25 queries, each of a distinct defined key, values equal to the definition's;
+  // loss exactly on the queried values.
+  std::set<std::vector<int>> asked;
+  size_t i = 256;
+  int losses = 0;
+  for (; d.tokens[i] == kQueryMark; i += kEntry) {
+    EXPECT_EQ(d.tokens[i + 5], kValueMark);
+    const auto k = key_of(d.tokens, i);
+    ASSERT_TRUE(defs.count(k)) << "query about an undefined key";
+    EXPECT_EQ(values_of(d.tokens, i), defs.at(k));
+    EXPECT_TRUE(asked.insert(k).second);
+    for (int j = 0; j < kEntry; ++j) EXPECT_EQ(d.loss[i + j], j >= 6) << "query token " << j;
+  }
+  EXPECT_EQ(asked.size(), 25u);
+  for (; i < 511; ++i) EXPECT_EQ(d.tokens[i], kPad);
+  for (uint8_t l : d.loss) losses += l;
+  EXPECT_EQ(losses, 100);
+  EXPECT_EQ(d.loss.back(), 0);
+}
+
+TEST(Dictionary, DeterministicFromTheSeed) {
+  const auto o = tasks::DictionaryOptions::from_json(nlohmann::json::object(), "t");
+  train::Rng a(11), b(11), c(12);
+  const auto da = tasks::dictionary_document(o, a), db = tasks::dictionary_document(o, b),
+             dc = tasks::dictionary_document(o, c);
+  EXPECT_EQ(da.tokens, db.tokens);
+  EXPECT_EQ(da.loss, db.loss);
+  EXPECT_NE(da.tokens, dc.tokens);
+  const auto ea = tasks::dictionary_eval(5000, 3), eb = tasks::dictionary_eval(5000, 3), ec = tasks::dictionary_eval(5000, 4);
+  EXPECT_EQ(ea.prefix, eb.prefix);
+  EXPECT_EQ(ea.queries, eb.queries);
+  EXPECT_NE(ea.prefix, ec.prefix);
+}
+
+TEST(Dictionary, CurriculumOptions) {
+  auto o = tasks::DictionaryOptions::from_json({{"definitions", 3}, {"unique_queries", 1}}, "t");
+  for (uint64_t s = 0; s < 20; ++s) {
+    train::Rng rng(s);
+    const auto d = tasks::dictionary_document(o, rng);
+    ASSERT_EQ(d.tokens.size(), 512u);
+    int n = 0;
+    check_definitions(d.tokens, 0, 256, true, &n);
+    EXPECT_EQ(n, 3);
+    int q = 0;
+    for (size_t i = 256; d.tokens[i] == kQueryMark; i += kEntry) ++q;
+    EXPECT_EQ(q, 3);
+  }
+  // Ranges, more windows, a smaller alphabet; queries repeat definitions when asked for more.
+  o = tasks::DictionaryOptions::from_json({{"min_definitions", 2}, {"max_definitions", 5}, {"length", 768}, {"symbols", 4}}, "t");
+  std::set<int> counts;
+  for (uint64_t s = 0; s < 50; ++s) {
+    train::Rng rng(s);
+    const auto d = tasks::dictionary_document(o, rng);
+    ASSERT_EQ(d.tokens.size(), 768u);
+    int n0 = 0, n1 = 0;
+    const auto d0 = check_definitions(d.tokens, 0, 256, true, &n0);
+    const auto d1 = check_definitions(d.tokens, 256, 512, false, &n1);
+    for (const auto& [k, v] : d1) EXPECT_FALSE(d0.count(k)) << "keys are distinct across the document";
+    for (int t : d.tokens) EXPECT_TRUE(t < kFirstSymbol || t < kFirstSymbol + 4);
+    counts.insert(n0);
+    int q = 0;
+    for (size_t i = 512; d.tokens[i] == kQueryMark; i += kEntry) ++q;
+    EXPECT_EQ(q, 25);
+  }
+  EXPECT_EQ(counts, (std::set<int>{2, 3, 4, 5}));
+  // Local definitions open the query window; queries cover them and the memory's definitions.
+  o = tasks::DictionaryOptions::from_json({{"definitions", 2}, {"local_definitions", 3}, {"unique_queries", 1}}, "t");
+  for (uint64_t s = 0; s < 10; ++s) {
+    train::Rng rng(s);
+    const auto d = tasks::dictionary_document(o, rng);
+    ASSERT_EQ(d.tokens.size(), 512u);
+    auto defs = check_definitions(d.tokens, 0, 256, true);
+    EXPECT_EQ(defs.size(), 2u);
+    for (size_t i = 256; i < 286; i += kEntry) {
+      ASSERT_EQ(d.tokens[i], kKeyMark);
+      EXPECT_TRUE(defs.emplace(key_of(d.tokens, i), values_of(d.tokens, i)).second);
+      for (int j = 0; j < kEntry; ++j) EXPECT_EQ(d.loss[i + j], 0);
+    }
+    std::set<std::vector<int>> asked;
+    size_t i = 286;
+    for (; d.tokens[i] == kQueryMark; i += kEntry) {
+      ASSERT_TRUE(defs.count(key_of(d.tokens, i)));
+      EXPECT_EQ(values_of(d.tokens, i), defs.at(key_of(d.tokens, i)));
+      asked.insert(key_of(d.tokens, i));
+    }
+    EXPECT_EQ(asked.size(), 5u);
+    for (; i < 511; ++i) EXPECT_EQ(d.tokens[i], kPad);
+  }
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"definitions", 0}}, "t"), Error);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"length", 300}}, "t"), Error);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"bogus", 1}}, "t"), Error);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"symbols", 65}}, "t"), Error);
+}
+
+TEST(Dictionary, RegisteredInTheTrainer) {
+  auto src = train::make_task("dictionary", {{"definitions", 4}}, nullptr, "run.json.data.sources[0]");
+  EXPECT_EQ(src->vocab_needed(), 70);
+  train::Rng rng(1);
+  EXPECT_EQ(src->next(rng).tokens.size(), 512u);
+  EXPECT_THROW(train::make_task("dictionary", {{"nope", 1}}, nullptr, "x"), Error);
+  EXPECT_THROW(train::make_task("passkey", nlohmann::json::object(), nullptr, "x"), Error);  // needs a tokenizer
+}
+
+TEST(Dictionary, EvaluationDocument) {
+  for (int64_t n : {11, 256, 1000, 4096, 70000}) {
+    const auto e = tasks::dictionary_eval(n, 9);
+    ASSERT_EQ(int64_t(e.prefix.size()), n);
+    std::map<std::vector<int>, std::vector<int>> all;
+    int64_t defs = 0;
+    for (int64_t b = 0; b < n; b += 256) {
+      int c = 0;
+      for (const auto& kv : check_definitions(e.prefix, size_t(b), size_t(std::min<int64_t>(n, b + 256)), b == 0, &c))
+        EXPECT_TRUE(all.insert(kv).second) << "keys must be distinct over the whole memory";
+      defs += c;
+    }
+    EXPECT_EQ(defs, e.definitions);
+    ASSERT_EQ(e.queries.size(), 256u);
+    ASSERT_EQ(e.scored.size(), 256u);
+    EXPECT_EQ(e.queries.back(), kEos);
+    int scored = 0, q = 0;
+    for (size_t i = 0; e.queries[i] == kQueryMark; i += kEntry, ++q) {
+      const auto k = key_of(e.queries, i);
+      ASSERT_TRUE(all.count(k));
+      EXPECT_EQ(values_of(e.queries, i), all.at(k));
+      for (int j = 0; j < kEntry; ++j) EXPECT_EQ(e.scored[i + j], j >= 6);
+    }
+    for (uint8_t s : e.scored) scored += s;
+    EXPECT_EQ(q, 25);
+    EXPECT_EQ(scored, 100);
+  }
+  EXPECT_THROW(tasks::dictionary_eval(10, 1), Error);
+}
+
+TEST(Dictionary, GreedyScoringOracle) {
+  const auto e = tasks::dictionary_eval(1024, 2);
+  const int V = kVocab;
+  const size_t T = e.queries.size();
+  std::vector<float> perfect(T * V, 0.0f), wrong(T * V, 0.0f);
+  for (size_t i = 0; i + 1 < T; ++i) {
+    perfect[i * V + e.queries[i + 1]] = 5.0f;                     // row i predicts token i + 1
+    wrong[i * V + (e.queries[i + 1] + 1) % V] = 5.0f;
+  }
+  const auto s = tasks::score_greedy(perfect, V, e.queries, e.scored);
+  EXPECT_EQ(s.total, 100);
+  EXPECT_EQ(s.correct, 100);
+  EXPECT_DOUBLE_EQ(s.accuracy(), 1.0);
+  EXPECT_EQ(tasks::score_greedy(wrong, V, e.queries, e.scored).correct, 0);
+  // Off by one row (predicting the current token instead of the next) scores nothing either.
+  std::vector<float> shifted(T * V, 0.0f);
+  for (size_t i = 0; i < T; ++i) shifted[i * V + e.queries[i]] = 5.0f;
+  EXPECT_LT(tasks::score_greedy(shifted, V, e.queries, e.scored).accuracy(), 0.1);
+}
+
+TEST(Passkey, PromptTextIsTheLongLlamaTemplate) {
+  const std::string intro =
+      "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you "
+      "about the important information there.";
+  const std::string filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+  EXPECT_EQ(filler.size(), 89u);
+  EXPECT_EQ(tasks::passkey_text(0, 0, 12345),
+            intro + "\n\nThe pass key is 12345. Remember it. 12345 is the pass key.\n\nWhat is the pass key? The pass key is");
+  // n_prefix characters of " ".join([filler] * many), then the key line, then the first
+  // n_garbage - n_prefix characters of the same string.
+  const std::string two = filler + " " + filler;
+  EXPECT_EQ(tasks::passkey_text(150, 100, 7), intro + "\n" + two.substr(0, 100) +
+                                                  "\nThe pass key is 7. Remember it. 7 is the pass key.\n" +
+                                                  two.substr(0, 50) + "\nWhat is the pass key? The pass key is");
+  EXPECT_THROW(tasks::passkey_text(10, 11, 1), Error);
+}
+
+TEST(Passkey, PromptHitsLengthAndDepthWithTheRealTokenizer) {
+  if (!fs::exists(kTok)) GTEST_SKIP() << "no tokenizer at " << kTok;
+  Tokenizer tok(kTok.string());
+  for (int64_t n : {100, 1000, 4096, 20000}) {
+    for (double depth : {0.0, 0.37, 1.0}) {
+      const auto p = tasks::passkey_prompt(tok, n, depth, 31415);
+      EXPECT_LE(int64_t(p.ids.size()), n);
+      EXPECT_GE(int64_t(p.ids.size()), n - 2) << n << " " << depth;
+      EXPECT_EQ(p.ids[0], tok.bos());
+      EXPECT_EQ(p.n_prefix, int64_t(std::floor(depth * double(p.n_garbage))));
+      auto body = tok.encode(tasks::passkey_text(p.n_garbage, p.n_prefix, 31415));
+      body.insert(body.begin(), tok.bos());
+      EXPECT_EQ(p.ids, body);
+      EXPECT_EQ(p.answer, tok.encode("31415"));
+      // The key line sits at the requested depth (in characters of filler before it).
+      const std::string text = tok.decode(std::vector<int>(p.ids.begin() + 1, p.ids.end()));
+      const size_t at = text.find("The pass key is 31415.");
+      ASSERT_NE(at, std::string::npos);
+      const size_t intro = std::string(tasks::kPasskeyIntro).size();  // then "\n", prefix, "\n"
+      EXPECT_EQ(at, intro + 1 + size_t(p.n_prefix) + 1) << n;
+    }
+  }
+  EXPECT_THROW(tasks::passkey_prompt(tok, 20, 0.5, 1), Error);
+}
+
+TEST(Passkey, TrainingDocuments) {
+  if (!fs::exists(kTok)) GTEST_SKIP() << "no tokenizer at " << kTok;
+  Tokenizer tok(kTok.string());
+  auto src = train::make_task("passkey", {{"length", 300}, {"min_length", 200}}, &tok, "t");
+  for (uint64_t s = 0; s < 5; ++s) {
+    train::Rng a(s), b(s);
+    const auto d = src->next(a);
+    EXPECT_EQ(d.tokens, src->next(b).tokens);
+    EXPECT_EQ(d.tokens.front(), tok.bos());
+    EXPECT_EQ(d.tokens.back(), tok.eos());
+    std::vector<int> answer;
+    size_t first = 0;
+    for (size_t i = 0; i < d.tokens.size(); ++i)
+      if (d.loss[i]) {
+        if (answer.empty()) first = i;
+        answer.push_back(d.tokens[i]);
+      }
+    ASSERT_FALSE(answer.empty());
+    EXPECT_EQ(first + answer.size() + 1, d.tokens.size());  // the answer, then EOS
+    const std::string q = tok.decode(std::vector<int>(d.tokens.begin() + 1, d.tokens.begin() + first));
+    EXPECT_EQ(q.substr(q.size() - 37), "What is the pass key? The pass key is");
+    const std::string key = tok.decode(answer);
+    EXPECT_NE(q.find("The pass key is " + key + ". Remember it. " + key + " is the pass key."), std::string::npos);
+    EXPECT_GE(d.tokens.size(), 200u);
+    EXPECT_LE(d.tokens.size(), 300u + answer.size() + 1);
+  }
+}
+
+TEST(EvalCli, DictionaryAndPasskeyOnATinyRandomModel) {
+  const fs::path dir = temp_dir("eval");
+  ModelConfig c;
+  c.vocab_size = 32000;  // the OpenLLaMA tokenizer's, so passkey runs too; >= 70 for the dictionary
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.max_position_embeddings = 256;
+  c.last_context_length = 64;
+  c.mem_layers = {1};
+  std::ofstream(dir / "shape.json") << c.to_json();
+  std::string tok_flag = fs::exists(kTok) ? " --tokenizer " + kTok.string() : "";
+  CliRun r = run_cli("init-random --config " + (dir / "shape.json").string() + " --seed 3 -o " + (dir / "m").string() +
+                     tok_flag, "2>&1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run_cli("eval dictionary -m " + (dir / "m").string() + " --tokens 3000 --seeds 1,2,3 --top-k 4 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  const double acc = j["accuracy"].get<double>();
+  EXPECT_GE(acc, 0.0);
+  EXPECT_LE(acc, 1.0);
+  EXPECT_LE(j["min"].get<double>(), acc);
+  EXPECT_GE(j["max"].get<double>(), acc);
+  EXPECT_EQ(j["tokens"].get<int64_t>(), 3000);
+  EXPECT_EQ(j["seeds"], nlohmann::json({1, 2, 3}));
+  EXPECT_EQ(j["per_seed"].size(), 3u);
+  EXPECT_EQ(j["total"].get<int64_t>(), 300);
+  EXPECT_EQ(j["ingest_tokens"].get<int64_t>(), 9000);
+  EXPECT_GT(j["ingest_tokens_per_s"].get<double>(), 0.0);
+  EXPECT_GT(j["peak_rss_bytes"].get<int64_t>(), 0);
+  double mean = 0;
+  for (const auto& s : j["per_seed"]) mean += s["accuracy"].get<double>() / 3;
+  EXPECT_NEAR(mean, acc, 1e-12);
+  // The same command gives the same answer.
+  auto again = nlohmann::json::parse(run_cli("eval dictionary -m " + (dir / "m").string() +
+                                             " --tokens 3000 --seeds 1,2,3 --top-k 4 --json").out);
+  EXPECT_EQ(again["per_seed"][0]["correct"], j["per_seed"][0]["correct"]);
+  // Plain output and errors.
+  r = run_cli("eval dictionary -m " + (dir / "m").string() + " --tokens 600 --seeds 5");
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find("accuracy"), std::string::npos);
+  EXPECT_EQ(run_cli("eval dictionary -m " + (dir / "m").string() + " --tokens 600 --seeds 1,x").code, 2);
+  if (!fs::exists(kTok)) GTEST_SKIP() << "no tokenizer at " << kTok << ": passkey not run";
+  r = run_cli("eval passkey -m " + (dir / "m").string() + " --tokens 2000 --seeds 1,2 --depth 0.5 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  j = nlohmann::json::parse(r.out);
+  EXPECT_GE(j["accuracy"].get<double>(), 0.0);
+  EXPECT_LE(j["accuracy"].get<double>(), 1.0);
+  for (const auto& s : j["per_seed"]) {
+    EXPECT_LE(s["prompt_tokens"].get<int64_t>(), 2000);
+    EXPECT_GE(s["prompt_tokens"].get<int64_t>(), 1998);
+    EXPECT_DOUBLE_EQ(s["depth"].get<double>(), 0.5);
+    EXPECT_EQ(s["generated"].size(), s["answer"].size());
+    EXPECT_EQ(s["accuracy"].get<double>(), s["generated"] == s["answer"] ? 1.0 : 0.0);
+  }
+  fs::remove_all(dir);
+}
