@@ -9,28 +9,15 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct CliRun {
-  int code;
-  std::string out;  // stdout + stderr
-};
-
-CliRun run_with(const std::string& args, const char* stderr_redirect) {
-  const std::string cmd = std::string(LONGLLAMA_CLI) + " " + args + " " + stderr_redirect;
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-CliRun run(const std::string& args) { return run_with(args, "2>&1"); }
-CliRun run_stdout_only(const std::string& args) { return run_with(args, "2>/dev/null"); }
+using ll::testing::CliRun;
+CliRun run(const std::string& args) { return ll::testing::run_cli(LONGLLAMA_CLI, args, "2>&1"); }
+CliRun run_stdout_only(const std::string& args) { return ll::testing::run_cli(LONGLLAMA_CLI, args, "2>/dev/null"); }
 
 const fs::path kRef = LONGLLAMA_REFERENCE_DIR;
 const fs::path kTok = fs::path(LONGLLAMA_TOKENIZER_DIR) / "openllama_v2.model";

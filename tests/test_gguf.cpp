@@ -26,18 +26,8 @@ namespace {
 
 using ll::testing::TempDir;
 
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void write_bytes(const fs::path& p, const std::string& s) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(s.data(), std::streamsize(s.size()));
-  ASSERT_TRUE(out.good()) << p;
-}
+using ll::testing::read_bytes;
+using ll::testing::write_bytes;
 
 // Runs f, which must throw ll::Error whose message contains every one of `parts`.
 void expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {

@@ -1,6 +1,8 @@
 // Long-memory tasks (src/tasks/): the dictionary lookup and passkey generators, their scoring, and
 // `longllama eval` through the CLI on a tiny random model.
 #include <gtest/gtest.h>
+
+#include "test_support.h"
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -56,19 +58,9 @@ std::map<std::vector<int>, std::vector<int>> check_definitions(const std::vector
   return defs;
 }
 
-struct CliRun {
-  int code;
-  std::string out;
-};
+using ll::testing::CliRun;
 CliRun run_cli(const std::string& args, const char* redirect = "2>/dev/null") {
-  const std::string cmd = std::string(LONGLLAMA_CLI) + " " + args + " " + redirect;
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  return ll::testing::run_cli(LONGLLAMA_CLI, args, redirect);
 }
 
 fs::path temp_dir(const std::string& name) {
