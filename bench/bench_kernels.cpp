@@ -10,6 +10,7 @@
 #include "memory/kv_memory.h"
 #include "ops/attention.h"
 #include "ops/matmul.h"
+#include "ops/qgroup.h"
 #include "ops/quant.h"
 #include "util/huge_alloc.h"
 
@@ -23,7 +24,7 @@ struct TestMatrix {
   std::shared_ptr<uint8_t> mem;
   MatrixRef ref;
   std::vector<float> x;
-  TestMatrix(DType t, int rows, int cols) : x(size_t(cols)) {
+  TestMatrix(DType t, int rows, int cols, bool grouped = false) : x(size_t(cols)) {
     std::mt19937 rng(1);
     std::normal_distribution<float> nd(0.0f, 0.02f);
     std::vector<float> row(static_cast<size_t>(cols));
@@ -34,12 +35,18 @@ struct TestMatrix {
     }
     for (float& v : x) v = nd(rng);
     ref = {t, rows, cols, mem.get()};
+    if (grouped) {  // the 16-row layout that Weights repacks Q8_0/Q4_0 into (ops/qgroup.h)
+      auto g = alloc_huge(bytes());
+      group_rows(t, mem.get(), rows, cols, g.get());
+      mem = g;
+      ref = {t, rows, cols, mem.get(), true};
+    }
   }
   size_t bytes() const { return row_bytes(ref.type, ref.cols) * size_t(ref.rows); }
 };
 
-void BM_Matvec(benchmark::State& st, DType t) {
-  TestMatrix m(t, kRows, kCols);
+void BM_Matvec(benchmark::State& st, DType t, bool grouped) {
+  TestMatrix m(t, kRows, kCols, grouped);
   std::vector<float> y(kRows);
   for (auto _ : st) {
     matvec(m.ref, m.x.data(), y.data());
@@ -105,12 +112,14 @@ void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type) {
 
 }  // namespace
 
-BENCHMARK_CAPTURE(BM_Matvec, f32, DType::F32)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, f32, DType::F32, false)->UseRealTime();
 BENCHMARK(BM_Matvec_LibrarySgemv)->UseRealTime();
-BENCHMARK_CAPTURE(BM_Matvec, f16, DType::F16)->UseRealTime();
-BENCHMARK_CAPTURE(BM_Matvec, bf16, DType::BF16)->UseRealTime();
-BENCHMARK_CAPTURE(BM_Matvec, q8_0, DType::Q8_0)->UseRealTime();
-BENCHMARK_CAPTURE(BM_Matvec, q4_0, DType::Q4_0)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, f16, DType::F16, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, bf16, DType::BF16, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, q8_0_rows, DType::Q8_0, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, q8_0_grouped, DType::Q8_0, true)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, q4_0_rows, DType::Q4_0, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();

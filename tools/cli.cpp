@@ -43,13 +43,14 @@ ll::Tokenizer open_tokenizer(const ll::Weights& w, const std::string& override_p
 
 ll::Tokenizer open_tokenizer(const std::string& path) {
   if (fs::is_directory(path) || (path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0))
-    return open_tokenizer(ll::Weights::load(path, std::nullopt, /*use_mmap=*/true), "");
+    return open_tokenizer(ll::Weights::load(path, std::nullopt, /*use_mmap=*/true, /*repack=*/false), "");
   return ll::Tokenizer(path);
 }
 
 void LoadFlags::add(CLI::App* app) {
   app->add_option("--type", type, "Convert weights at load: f32, f16, bf16, q8_0, q4_0");
   app->add_flag("--no-mmap", no_mmap, "Copy a .gguf model into RAM instead of reading it through mmap");
+  app->add_flag("--no-repack", no_repack, "Keep Q8_0/Q4_0 matrices in the file's layout (no 16-row repacking)");
   app->add_option("--last-context-length", last_context_length, "Override last_context_length");
   app->add_option("--mem-type", mem_type, "Store memory keys/values as bfloat16, float16 or float32 (default: mem_dtype)");
 }
@@ -57,7 +58,7 @@ void LoadFlags::add(CLI::App* app) {
 ll::Weights load_model(const std::string& path, const LoadFlags& flags) {
   std::optional<ll::DType> type;
   if (!flags.type.empty()) type = ll::parse_weight_type(flags.type);
-  ll::Weights w = ll::Weights::load(path, type, !flags.no_mmap);
+  ll::Weights w = ll::Weights::load(path, type, !flags.no_mmap, !flags.no_repack);
   if (flags.last_context_length >= 0) w.config.last_context_length = flags.last_context_length;
   if (!flags.mem_type.empty()) w.config.mem_dtype = ll::parse_mem_dtype(flags.mem_type, "--mem-type");
   return w;

@@ -50,10 +50,12 @@ ll::Tokenizer open_tokenizer(const std::string& path);
 
 // How a model is loaded: --type converts its matrices; a .gguf is read through mmap (starts at
 // once) unless --no-mmap copies it into huge-page RAM (faster decoding, survives page-cache
-// eviction).
+// eviction). Q8_0/Q4_0 matrices are repacked into 16-row groups for the AVX-512 VNNI decode
+// kernel (ops/qgroup.h) unless --no-repack keeps the file's layout (as llama.cpp's --no-repack).
 struct LoadFlags {
   std::string type;  // "" = as stored (float32 for a model directory)
   bool no_mmap = false;
+  bool no_repack = false;
   std::string mem_type;  // "" = the config's mem_dtype; else bfloat16 | float16 | float32
   int last_context_length = -1;  // >= 0 overrides the config, as forward(..., last_context_length=N)
   void add(CLI::App* app);

@@ -54,7 +54,8 @@ int run_bench(const BenchArgs& a) {
   std::fprintf(stderr, "bench: loading...\n");
   const auto tl = std::chrono::steady_clock::now();
   ll::Weights w = a.model.empty() ? ll::Weights::random(ll::ModelConfig::from_file(a.random_config),
-                                                         a.load.type.empty() ? ll::DType::F16 : ll::parse_weight_type(a.load.type), 1)
+                                                         a.load.type.empty() ? ll::DType::F16 : ll::parse_weight_type(a.load.type), 1,
+                                                         !a.load.no_repack)
                                   : load_model(a.model, a.load);
   if (!a.load.mem_type.empty()) w.config.mem_dtype = ll::parse_mem_dtype(a.load.mem_type, "--mem-type");
   const double load_s = seconds_since(tl);

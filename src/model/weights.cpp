@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "io/tensor_store.h"
+#include "ops/qgroup.h"
 #include "ops/quant.h"
 #include "util/error.h"
 #include "util/huge_alloc.h"
@@ -55,9 +56,13 @@ WeightMatrix from_vector(const std::vector<float>& v, int64_t rows, int64_t cols
 
 }  // namespace
 
-Weights Weights::load(const std::string& path, std::optional<DType> type, bool use_mmap) {
+Weights Weights::load(const std::string& path, std::optional<DType> type, bool use_mmap, bool repack) {
   if (type && !is_weight_type(*type)) throw Error(std::string("weight type ") + dtype_name(*type) + " is not supported");
-  if (fs::is_regular_file(path)) return load_gguf(path, type, use_mmap);
+  if (fs::is_regular_file(path)) {
+    Weights w = load_gguf(path, type, use_mmap);
+    if (repack) w.repack_for_decode();
+    return w;
+  }
   if (!fs::is_directory(path)) throw Error(path + ": not a model directory or .gguf file");
   const DType t = type.value_or(DType::F32);
   Weights w;
@@ -79,6 +84,7 @@ Weights Weights::load(const std::string& path, std::optional<DType> type, bool u
   w.lm_head = w.config.tie_word_embeddings ? w.embed : convert_matrix(next(), t);
   const fs::path tok = fs::path(path) / "tokenizer.model";
   if (fs::exists(tok)) w.tokenizer_path = tok.string();
+  if (repack) w.repack_for_decode();
   return w;
 }
 
@@ -107,10 +113,11 @@ Weights Weights::from_model(const Model& m, DType type) {
   }
   w.final_norm = m.final_norm;
   w.lm_head = m.lm_head.empty() ? w.embed : from_vector(m.lm_head, V, d, type);
+  w.repack_for_decode();
   return w;
 }
 
-Weights Weights::random(const ModelConfig& c, DType type, uint64_t seed) {
+Weights Weights::random(const ModelConfig& c, DType type, uint64_t seed, bool repack) {
   c.validate("random weights");
   const int64_t d = c.hidden_size, f = c.intermediate_size, V = c.vocab_size;
   uint64_t matrix_index = 0;
@@ -157,7 +164,29 @@ Weights Weights::random(const ModelConfig& c, DType type, uint64_t seed) {
   }
   w.final_norm.assign(size_t(d), 1.0f);
   w.lm_head = c.tie_word_embeddings ? w.embed : matrix(V, d);
+  if (repack) w.repack_for_decode();
   return w;
+}
+
+namespace {
+
+bool group_matrix(WeightMatrix& m) {
+  const MatrixRef& r = m.ref;
+  if (r.grouped || !should_group(r.type, r.rows, r.cols)) return false;
+  auto mem = alloc_huge(row_bytes(r.type, r.cols) * size_t(r.rows));
+  group_rows(r.type, static_cast<const uint8_t*>(r.data), r.rows, r.cols, mem.get());
+  m = {{r.type, r.rows, r.cols, mem.get(), /*grouped=*/true}, mem};
+  return true;
+}
+
+}  // namespace
+
+void Weights::repack_for_decode() {
+  bool any = false;
+  for (auto& L : layers)
+    for (WeightMatrix* m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) any |= group_matrix(*m);
+  if (lm_head.ref.data != embed.ref.data) any |= group_matrix(lm_head);
+  if (any && storage == "mmap") storage = "mmap+repacked";  // the Q matrices now live in RAM
 }
 
 void Weights::embed_row(int token, float* out) const {

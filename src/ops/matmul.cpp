@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "hwy/highway.h"
+#include "ops/qgroup.h"
 #include "ops/quant.h"
 #include "ops/simd.h"
 #include "util/error.h"
@@ -17,33 +18,13 @@ namespace hn = hwy::HWY_NAMESPACE;
 namespace ll {
 
 const uint8_t* MatrixRef::row(int64_t r) const {
+  if (grouped) throw Error("MatrixRef::row: a grouped matrix has no contiguous rows");
   return static_cast<const uint8_t*>(data) + size_t(r) * row_bytes(type, cols);
 }
 
 namespace {
 
 using DF = hn::ScalableTag<float>;
-
-// Activations quantized to Q8_0 blocks (int8 + float scale) for the integer dot products.
-struct ActQ8 {
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<int32_t> sum;  // Σ q of each block (Q4_0 folds its -8 offset into this)
-  void quantize(const float* x, int64_t n) {
-    q.resize(size_t(n));
-    d.resize(size_t(n / kQBlock));
-    sum.resize(size_t(n / kQBlock));
-    for (int64_t b = 0; b < n / kQBlock; ++b) {
-      float amax = 0.0f;
-      for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(x[b * kQBlock + j]));
-      const float s = amax / 127.0f, is = s != 0.0f ? 1.0f / s : 0.0f;
-      d[b] = s;
-      int32_t total = 0;
-      for (int j = 0; j < kQBlock; ++j) total += (q[b * kQBlock + j] = int8_t(std::lround(x[b * kQBlock + j] * is)));
-      sum[b] = total;
-    }
-  }
-};
 
 // f16 -> f32 for the per-block scales: a 256 KiB table beats branchy software conversion.
 const float* f16_table() {
@@ -254,8 +235,10 @@ void matvec(const MatrixRef& W, const float* x, float* y) {
   }
   const size_t rb = row_bytes(W.type, cols);
   const auto* base = static_cast<const uint8_t*>(W.data);
-  ActQ8 q;
+  thread_local ActQ8 q_buf;  // reused: decoding calls this a few hundred times per token
+  ActQ8& q = q_buf;          // the OpenMP workers must see this thread's buffer
   if (dtype_is_quantized(W.type)) q.quantize(x, cols);
+  if (W.grouped) return matvec_grouped(W.type, base, rows, cols, q, y);
   // Chunks of 16 rows handed out dynamically: a thread that loses its core to another process
   // does not hold the others up (a static split would wait for it).
 #pragma omp parallel for schedule(dynamic, 16)
@@ -287,8 +270,15 @@ void matmul(const MatrixRef& W, const float* x, int n, float* y) {
   float* panel = panel_buf.data();  // the OpenMP workers must see this thread's buffer
   for (int64_t r0 = 0; r0 < rows; r0 += kPanel) {
     const int64_t pr = std::min(kPanel, rows - r0);
+    if (W.grouped) {
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < pr; ++r) dequantize_row(W.type, W.row(r0 + r), cols, panel + size_t(r * cols));
+      for (int64_t g = 0; g < pr / kGroupRows; ++g)
+        dequantize_grouped(W.type, static_cast<const uint8_t*>(W.data), cols, r0 + g * kGroupRows, kGroupRows,
+                           panel + size_t(g * kGroupRows * cols));
+    } else {
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < pr; ++r) dequantize_row(W.type, W.row(r0 + r), cols, panel + size_t(r * cols));
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, int(pr), int(cols), 1.0f, x, int(cols), panel,
                 int(cols), 0.0f, y + r0, int(rows));
   }

@@ -9,12 +9,14 @@
 
 namespace ll {
 
-// A weight matrix [rows, cols], row-major in its storage type (cols % 32 == 0 for Q types).
+// A weight matrix [rows, cols], row-major in its storage type (cols % 32 == 0 for Q types), or
+// for Q8_0/Q4_0 with `grouped`, in the 16-row interleaved layout of ops/qgroup.h.
 struct MatrixRef {
   DType type = DType::F32;
   int64_t rows = 0, cols = 0;
   const void* data = nullptr;
-  const uint8_t* row(int64_t r) const;
+  bool grouped = false;
+  const uint8_t* row(int64_t r) const;  // not for grouped matrices
 };
 
 // y[n, rows] = x[n, cols] · Wᵀ

@@ -108,4 +108,19 @@ void dequantize_row(DType t, const void* row, int64_t n, float* out) {
   }
 }
 
+void ActQ8::quantize(const float* x, int64_t n) {
+  q.resize(size_t(n));
+  d.resize(size_t(n / kQBlock));
+  sum.resize(size_t(n / kQBlock));
+  for (int64_t b = 0; b < n / kQBlock; ++b) {
+    float amax = 0.0f;
+    for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(x[b * kQBlock + j]));
+    const float s = amax / 127.0f, is = s != 0.0f ? 1.0f / s : 0.0f;
+    d[b] = s;
+    int32_t total = 0;
+    for (int j = 0; j < kQBlock; ++j) total += (q[b * kQBlock + j] = int8_t(std::lround(x[b * kQBlock + j] * is)));
+    sum[b] = total;
+  }
+}
+
 }  // namespace ll

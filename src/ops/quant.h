@@ -4,6 +4,7 @@
 // element j+16 in the high nibble). The layouts are llama.cpp's, so GGUF files interoperate.
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "io/tensor_store.h"
 
@@ -31,5 +32,14 @@ DType parse_weight_type(const std::string& name);  // "f32", "f16", "bf16", "q8_
 // q = round(x/d); Q4_0: d = (value of largest magnitude)/-8, q = min(15, trunc(x/d + 8.5))).
 void quantize_row(DType t, const float* x, int64_t n, void* out);
 void dequantize_row(DType t, const void* row, int64_t n, float* out);
+
+// Activations quantized to Q8_0-like blocks (int8 + float scale, as llama.cpp) for the integer
+// dot products of decoding with Q8_0/Q4_0 weights.
+struct ActQ8 {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;  // Σ q of each block (for the offsets of unsigned weight encodings)
+  void quantize(const float* x, int64_t n);  // n a multiple of 32
+};
 
 }  // namespace ll

@@ -1,0 +1,174 @@
+#include "ops/qgroup.h"
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "util/error.h"
+#include "util/half.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LONGLLAMA_GROUP_VNNI 1
+// GCC 12 warns about the deliberately undefined pass-through operand inside its own
+// _mm512_cvtph_ps / _mm512_cvtepi32_ps (avx512fintrin.h's `__m512 __Y = __Y;`).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace ll {
+
+namespace {
+
+constexpr int kScaleBytes = kGroupRows * 2;
+
+int chunks(DType t) { return t == DType::Q8_0 ? 8 : 4; }  // 64-byte chunks per group block
+size_t group_block_bytes(DType t) { return size_t(kScaleBytes + 64 * chunks(t)); }
+int32_t offset(DType t) { return t == DType::Q8_0 ? 128 : 8; }
+
+void check(DType t, int64_t rows, int64_t cols, const char* what) {
+  if ((t != DType::Q8_0 && t != DType::Q4_0) || rows % kGroupRows != 0 || cols % kQBlock != 0)
+    throw Error(std::string(what) + ": grouped layout needs Q8_0/Q4_0, rows % 16 == 0 and cols % 32 == 0");
+}
+
+}  // namespace
+
+bool should_group(DType t, int64_t rows, int64_t cols) {
+#if defined(LONGLLAMA_GROUP_VNNI)
+  return (t == DType::Q8_0 || t == DType::Q4_0) && rows % kGroupRows == 0 && cols % kQBlock == 0 && rows > 0;
+#else
+  (void)t, (void)rows, (void)cols;
+  return false;
+#endif
+}
+
+void group_rows(DType t, const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst) {
+  check(t, rows, cols, "group_rows");
+  const int64_t nb = cols / kQBlock, groups = rows / kGroupRows;
+  const size_t rb = row_bytes(t, cols), gbb = group_block_bytes(t);
+  const bool q8 = t == DType::Q8_0;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* out = dst + size_t(g * nb + b) * gbb;
+      for (int r = 0; r < kGroupRows; ++r) {
+        const uint8_t* row = src + size_t(g * kGroupRows + r) * rb;
+        if (q8) {
+          const auto& blk = reinterpret_cast<const BlockQ8_0*>(row)[b];
+          std::memcpy(out + 2 * r, &blk.d, 2);
+          for (int k = 0; k < 8; ++k)
+            for (int i = 0; i < 4; ++i)
+              out[kScaleBytes + 64 * k + 4 * r + i] = uint8_t(uint8_t(blk.qs[4 * k + i]) ^ 0x80u);
+        } else {
+          const auto& blk = reinterpret_cast<const BlockQ4_0*>(row)[b];
+          std::memcpy(out + 2 * r, &blk.d, 2);
+          for (int k = 0; k < 4; ++k)
+            for (int i = 0; i < 4; ++i) out[kScaleBytes + 64 * k + 4 * r + i] = blk.qs[4 * k + i];
+        }
+      }
+    }
+  }
+}
+
+void dequantize_grouped(DType t, const uint8_t* data, int64_t cols, int64_t row0, int64_t n, float* out) {
+  check(t, n, cols, "dequantize_grouped");
+  if (row0 % kGroupRows != 0) throw Error("dequantize_grouped: row0 must be a multiple of 16");
+  const int64_t nb = cols / kQBlock;
+  const size_t gbb = group_block_bytes(t);
+  const bool q8 = t == DType::Q8_0;
+  for (int64_t g = 0; g < n / kGroupRows; ++g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* in = data + size_t((row0 / kGroupRows + g) * nb + b) * gbb;
+      for (int r = 0; r < kGroupRows; ++r) {
+        uint16_t dh;
+        std::memcpy(&dh, in + 2 * r, 2);
+        const float d = f16_to_f32(dh);
+        float* o = out + size_t(g * kGroupRows + r) * size_t(cols) + size_t(b * kQBlock);
+        for (int k = 0; k < chunks(t); ++k)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t v = in[kScaleBytes + 64 * k + 4 * r + i];
+            if (q8) {
+              o[4 * k + i] = float(int(v) - 128) * d;
+            } else {
+              o[4 * k + i] = float(int(v & 0x0f) - 8) * d;
+              o[16 + 4 * k + i] = float(int(v >> 4) - 8) * d;
+            }
+          }
+      }
+    }
+  }
+}
+
+void matvec_grouped_scalar(DType t, const uint8_t* data, int64_t rows, int64_t cols, const ActQ8& x, float* y) {
+  check(t, rows, cols, "matvec_grouped");
+  const int64_t nb = cols / kQBlock;
+  const size_t gbb = group_block_bytes(t);
+  const bool q8 = t == DType::Q8_0;
+  for (int64_t g = 0; g < rows / kGroupRows; ++g)
+    for (int r = 0; r < kGroupRows; ++r) {
+      float total = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* in = data + size_t(g * nb + b) * gbb;
+        const int8_t* xq = &x.q[size_t(b * kQBlock)];
+        uint16_t dh;
+        std::memcpy(&dh, in + 2 * r, 2);
+        int32_t isum = 0;
+        for (int k = 0; k < chunks(t); ++k)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t v = in[kScaleBytes + 64 * k + 4 * r + i];
+            if (q8) {
+              isum += (int(v) - 128) * xq[4 * k + i];
+            } else {
+              isum += (int(v & 0x0f) - 8) * xq[4 * k + i] + (int(v >> 4) - 8) * xq[16 + 4 * k + i];
+            }
+          }
+        total += float(isum) * (f16_to_f32(dh) * x.d[size_t(b)]);
+      }
+      y[g * kGroupRows + r] = total;
+    }
+}
+
+void matvec_grouped(DType t, const uint8_t* data, int64_t rows, int64_t cols, const ActQ8& x, float* y) {
+#if !defined(LONGLLAMA_GROUP_VNNI)
+  matvec_grouped_scalar(t, data, rows, cols, x, y);
+#else
+  check(t, rows, cols, "matvec_grouped");
+  const int64_t nb = cols / kQBlock, groups = rows / kGroupRows;
+  const size_t gbb = group_block_bytes(t);
+  const int32_t off = offset(t);
+  const bool q8 = t == DType::Q8_0;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = data + size_t(g * nb) * gbb;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b, p += gbb) {
+      const __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                                         _mm512_set1_ps(x.d[size_t(b)]));
+      const int8_t* xq = &x.q[size_t(b * kQBlock)];
+      auto xk = [&](int k) {  // activation elements 4k..4k+3, broadcast to the 16 rows
+        int32_t v;
+        std::memcpy(&v, xq + 4 * k, 4);
+        return _mm512_set1_epi32(v);
+      };
+      auto chunk = [&](int k) { return _mm512_loadu_si512(p + kScaleBytes + 64 * k); };
+      // Two chains of vpdpbusd so that consecutive ones do not wait on each other.
+      __m512i s0 = _mm512_set1_epi32(-off * x.sum[size_t(b)]), s1 = _mm512_setzero_si512();
+      if (q8) {
+        for (int k = 0; k < 8; k += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, chunk(k), xk(k));
+          s1 = _mm512_dpbusd_epi32(s1, chunk(k + 1), xk(k + 1));
+        }
+      } else {
+        const __m512i low = _mm512_set1_epi8(0x0f);
+        for (int k = 0; k < 4; ++k) {
+          const __m512i v = chunk(k);
+          s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, low), xk(k));
+          s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xk(4 + k));
+        }
+      }
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), scale, acc);
+    }
+    _mm512_storeu_ps(y + g * kGroupRows, acc);
+  }
+#endif
+}
+
+}  // namespace ll
