@@ -284,6 +284,27 @@ TEST(TrainLoop, FineTuneFromInitWithOverrides) {
   fs::remove_all(dir);
 }
 
+// The passkey task tokenizes whenever it makes a document, also in evaluations long after the
+// data was set up (the tokenizer once died with the setup function: a crash at the first eval).
+TEST(TrainLoop, PasskeyTaskKeepsItsTokenizer) {
+  const fs::path tok = fs::path(LONGLLAMA_TOKENIZER_DIR) / "openllama_v2.model";
+  if (!fs::exists(tok)) GTEST_SKIP() << tok << " not found";
+  const fs::path dir = temp_dir("passkey");
+  json j = copy_run(dir / "out", 2);
+  j["model"]["vocab_size"] = 32000;
+  j["model"]["hidden_size"] = 16;
+  j["data"] = {{"tokenizer", tok.string()},
+               {"sources", {{{"task", "passkey"}, {"options", {{"length", 120}, {"min_length", 70}}}}}}};
+  Trainer t(config_of(j), Trainer::Start::Fresh);
+  const EvalStats e0 = t.evaluate();
+  t.run();
+  const EvalStats e1 = t.evaluate();
+  EXPECT_GT(e0.tokens, 0);
+  EXPECT_EQ(e0.tokens, e1.tokens) << "evaluation documents are the same every time";
+  EXPECT_TRUE(std::isfinite(e1.loss) && e1.loss > 0.0);
+  fs::remove_all(dir);
+}
+
 TEST(TrainLoop, TextDataWithTokenizer) {
   const fs::path tok = fs::path(LONGLLAMA_TOKENIZER_DIR) / "openllama_v2.model";
   if (!fs::exists(tok)) GTEST_SKIP() << tok << " not found";

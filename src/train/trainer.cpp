@@ -130,11 +130,11 @@ void Trainer::describe() const {
 }
 
 void Trainer::build_data() {
-  std::unique_ptr<Tokenizer> tok;
   if (!cfg_.tokenizer.empty()) {
     tokenizer_bytes_ = read_bytes(cfg_.tokenizer);
-    tok = std::make_unique<Tokenizer>(cfg_.tokenizer);
+    tokenizer_ = std::make_shared<const Tokenizer>(cfg_.tokenizer);
   }
+  const Tokenizer* tok = tokenizer_.get();
   auto train = std::make_shared<MixtureSource>(), eval = std::make_shared<MixtureSource>();
   for (size_t i = 0; i < cfg_.sources.size(); ++i) {
     const SourceConfig& s = cfg_.sources[i];
@@ -147,7 +147,7 @@ void Trainer::build_data() {
       log("data: " + std::to_string(corpus->train().size()) + " training documents (" +
           std::to_string(corpus->train_tokens()) + " tokens), " + std::to_string(corpus->eval().size()) + " held out");
     } else {
-      std::shared_ptr<const DocumentSource> task = make_task(s.task, s.task_options, tok.get(), where);
+      std::shared_ptr<const DocumentSource> task = make_task(s.task, s.task_options, tok, where);
       train->add(task, s.weight);
       eval->add(task, s.weight);  // evaluation draws other documents (another seed)
     }

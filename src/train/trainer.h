@@ -81,6 +81,7 @@ class Trainer {
   std::vector<float> params_, grads_;
   AdamW adam_;
   std::string tokenizer_bytes_;
+  std::shared_ptr<const Tokenizer> tokenizer_;  // outlives the data sources that tokenize (passkey)
   std::shared_ptr<const DocumentSource> train_src_, eval_src_;
   std::unique_ptr<PackedStreams> stream_;
   int64_t step_ = 0;
