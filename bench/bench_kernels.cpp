@@ -82,7 +82,8 @@ void BM_Matmul(benchmark::State& st, DType t) {
 // Decoding over memory: one query of one head against a memory of range(0) tokens (bf16 or q8)
 // through HeadAttention (fused, widens rows in registers), vs the library path (convert to f32,
 // then sgemv for the scores and for the weighted values).
-void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type) {
+void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool bf16_kernel = true) {
+  HeadAttention::bf16_kernel = bf16_kernel;
   const int n = int(st.range(0)), D = 100;
   KVMemory mem(1, D, type);
   std::vector<float> k(size_t(KVMemory::kChunkTokens) * D, 0.01f);
@@ -124,6 +125,7 @@ BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16, false)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Arg(65536)->UseRealTime();
 BENCHMARK_MAIN();

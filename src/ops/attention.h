@@ -28,6 +28,9 @@ void kv_block_to_f32(const KVBlock& b, int D, float* k, float* v);
 class HeadAttention {
  public:
   static constexpr int kGemmMinQueries = 16;
+  // The AVX-512 bf16 decode kernel (on by default where built); off = the Highway path, for
+  // tests and benchmarks that compare the two.
+  static inline bool bf16_kernel = true;
 
   // q: nq rows of D floats with row stride ldq (already rotated).
   HeadAttention(const float* q, int nq, int ldq, int D);
