@@ -43,7 +43,11 @@ std::string passkey_text(int64_t n_garbage, int64_t n_prefix, int key) {
 
 int passkey_random_key(train::Rng& rng) { return 1 + int(rng.below(50000)); }
 
-PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth, int key) {
+double passkey_chars_per_token(const Tokenizer& tok) {
+  return double(filler_prefix(9000).size()) / double(tok.encode(filler_prefix(9000)).size());
+}
+
+PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth, int key, double chars_per_token) {
   if (!(depth >= 0.0 && depth <= 1.0)) throw Error("passkey: depth must be in [0, 1]");
   auto prefix_of = [&](int64_t g) { return std::min(g, int64_t(std::floor(depth * double(g)))); };
   auto count = [&](int64_t g) { return 1 + int64_t(tok.encode(passkey_text(g, prefix_of(g), key)).size()); };
@@ -53,7 +57,7 @@ PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth,
                 std::to_string(tokens));
   // Characters per token of the filler, then secant steps and a final bisection on the largest
   // n_garbage that fits (token counts grow with n_garbage, up to a token of jitter at cut words).
-  const double r = double(filler_prefix(9000).size()) / double(tok.encode(filler_prefix(9000)).size());
+  const double r = chars_per_token > 0 ? chars_per_token : passkey_chars_per_token(tok);
   int64_t lo = 0, hi = -1;  // count(lo) <= tokens < count(hi)
   int64_t g = int64_t(double(tokens - base) * r);
   for (int it = 0; it < 8 && g > lo && (hi < 0 || g < hi); ++it) {
@@ -98,13 +102,14 @@ PasskeyTask::PasskeyTask(const nlohmann::json& o, const Tokenizer* tok, const st
   if (min_length_ < 0) min_length_ = length_;
   if (min_length_ > length_) throw Error(where + ": task option 'min_length' must be <= 'length'");
   if (!tok_) throw Error(where + ": task 'passkey' needs a tokenizer (data.tokenizer)");
+  chars_per_token_ = passkey_chars_per_token(*tok_);
 }
 
 train::Document PasskeyTask::next(train::Rng& rng) const {
   const int64_t n = min_length_ + int64_t(rng.below(uint32_t(length_ - min_length_ + 1)));
   const double depth = rng.uniform();
   const int key = passkey_random_key(rng);
-  const PasskeyPrompt p = passkey_prompt(*tok_, n, depth, key);
+  const PasskeyPrompt p = passkey_prompt(*tok_, n, depth, key, chars_per_token_);
   train::Document d;
   d.tokens = p.ids;
   d.loss.assign(d.tokens.size(), 0);

@@ -39,7 +39,10 @@ struct PasskeyPrompt {
 
 // The prompt of the largest n_garbage whose token count (with BOS) is <= tokens, with
 // n_prefix = floor(depth · n_garbage) (depth in [0, 1]). Throws when even n_garbage = 0 is longer.
-PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth, int key);
+// chars_per_token: the filler's characters per token (the search's first guess), computed by
+// passkey_chars_per_token when 0; pass it when making many prompts.
+PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth, int key, double chars_per_token = 0);
+double passkey_chars_per_token(const Tokenizer& tok);
 
 // A key as the official evaluation draws it: uniform in [1, 50000].
 int passkey_random_key(train::Rng& rng);
@@ -56,6 +59,7 @@ class PasskeyTask : public train::DocumentSource {
  private:
   const Tokenizer* tok_;
   int length_ = 512, min_length_ = -1;
+  double chars_per_token_ = 0;
 };
 
 }  // namespace ll::tasks
