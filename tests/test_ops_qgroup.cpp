@@ -36,6 +36,12 @@ std::vector<uint8_t> random_rows(std::mt19937_64& rng, DType t, int64_t rows, in
   return out;
 }
 
+std::vector<uint8_t> group(DType t, const std::vector<uint8_t>& rows, int64_t nrows, int64_t cols) {
+  std::vector<uint8_t> grouped(rows.size());
+  ll::group_rows(t, rows.data(), nrows, cols, grouped.data());
+  return grouped;
+}
+
 std::vector<float> random_x(std::mt19937_64& rng, int64_t n) {
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<float> x(static_cast<size_t>(n));
@@ -52,8 +58,7 @@ TEST(QGroup, RepackKeepsEveryValue) {
   for (DType t : kQTypes)
     for (const Shape& s : kShapes) {
       const auto rows = random_rows(rng, t, s.rows, s.cols);
-      std::vector<uint8_t> grouped(rows.size());
-      ll::group_rows(t, rows.data(), s.rows, s.cols, grouped.data());
+      const auto grouped = group(t, rows, s.rows, s.cols);
       EXPECT_NE(grouped, rows) << what(t, s);
       std::vector<float> a(size_t(s.rows * s.cols)), b(a.size(), -1.0f);
       const size_t rb = ll::row_bytes(t, s.cols);
@@ -72,8 +77,7 @@ TEST(QGroup, MatvecEqualsRowDotProducts) {
   for (DType t : kQTypes)
     for (const Shape& s : kShapes) {
       const auto rows = random_rows(rng, t, s.rows, s.cols);
-      std::vector<uint8_t> grouped(rows.size());
-      ll::group_rows(t, rows.data(), s.rows, s.cols, grouped.data());
+      const auto grouped = group(t, rows, s.rows, s.cols);
       const auto x = random_x(rng, s.cols);
       ll::ActQ8 q;
       q.quantize(x.data(), s.cols);
@@ -98,8 +102,7 @@ TEST(QGroup, MatrixRefDispatchForMatvecAndMatmul) {
   for (DType t : kQTypes) {
     const Shape s{1040, 96};  // two dequantization panels (1024 + 16 rows)
     const auto rows = random_rows(rng, t, s.rows, s.cols);
-    std::vector<uint8_t> grouped(rows.size());
-    ll::group_rows(t, rows.data(), s.rows, s.cols, grouped.data());
+    const auto grouped = group(t, rows, s.rows, s.cols);
     const ll::MatrixRef plain{t, s.rows, s.cols, rows.data()}, g{t, s.rows, s.cols, grouped.data(), true};
     EXPECT_THROW(g.row(0), ll::Error);
     const int n = 5;
