@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.h"
+#include "model/reference_check.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;
@@ -52,13 +53,12 @@ fs::path make_random_model(const fs::path& dir) {
 TEST(Cli, VerifyReferenceEveryCase) {
   if (!fs::is_directory(kRef / "parity")) GTEST_SKIP() << "no reference data at " << kRef << " (needs ../shared)";
   for (const auto& e : fs::directory_iterator(kRef / "parity")) {
-    const ll::ModelConfig c = ll::ModelConfig::from_file((e.path() / "config.json").string());
-    // See tolerance_for() in test_model.cpp: bf16 memory rounding amplifies last-ulp differences.
-    const double tol = (c.mem_dtype == ll::MemDType::BF16 && !c.mem_layers.empty()) ? 5e-4 : 1e-4;
-    const CliRun r = run_stdout_only("verify-reference " + e.path().string() + " --json --tolerance " + std::to_string(tol));
+    // the default tolerance is the case's own (ll::reference_tolerance: 5e-4 with bf16 memory)
+    const CliRun r = run_stdout_only("verify-reference " + e.path().string() + " --json");
     EXPECT_EQ(r.code, 0) << e.path() << "\n" << r.out;
     const auto j = nlohmann::json::parse(r.out);
     EXPECT_TRUE(j["passed"].get<bool>());
+    EXPECT_EQ(j["tolerance"].get<double>(), ll::reference_tolerance(e.path().string()));
     EXPECT_EQ(j["scenarios"].size(), 4u);
   }
 }

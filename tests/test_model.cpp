@@ -26,17 +26,7 @@ std::vector<fs::path> parity_cases() {
   return r;
 }
 
-// Logit tolerance per case. With bf16 memory, a last-ulp difference in a float32 key or value
-// (summation order differs between any two BLAS libraries) can round to a different bf16 value;
-// such a flip in the first memory layer perturbs every later layer's memory and cascades. On
-// these cases, implementations that differ only in summation order land 1e-4..4e-4 apart (measured:
-// naive sequential-FMA, 8-way-FMA, OpenBLAS sgemm, sgemm attention), so 1e-4 is a coin toss there; 5e-4 still
-// catches any semantic error (those are >= 1e-2, see the mem_dtype test below).
-double tolerance_for(const fs::path& case_dir) {
-  const ModelConfig c = ModelConfig::from_file((case_dir / "config.json").string());
-  const bool bf16_memory = c.mem_dtype == MemDType::BF16 && !c.mem_layers.empty();
-  return bf16_memory ? 5e-4 : 1e-4;
-}
+double tolerance_for(const fs::path& case_dir) { return ll::reference_tolerance(case_dir.string()); }
 
 ModelConfig tiny_config() {
   ModelConfig c;

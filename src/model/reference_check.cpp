@@ -93,6 +93,12 @@ void check_lengths(ScenarioResult& r, const Session& s, const nlohmann::json& me
 
 }  // namespace
 
+double reference_tolerance(const std::string& case_dir) {
+  const ModelConfig c = ModelConfig::from_file(case_dir + "/config.json");
+  const bool bf16_memory = c.mem_dtype == MemDType::BF16 && !c.mem_layers.empty();
+  return bf16_memory ? 5e-4 : 1e-4;
+}
+
 ReferenceReport verify_reference(const std::string& case_dir, double tolerance, const ReferenceOptions& opt) {
   ReferenceReport report;
   report.case_dir = case_dir;
