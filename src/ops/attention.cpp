@@ -55,57 +55,13 @@ using D4 = hn::CappedTag<float, 4>;
 // s[j] = (q · K[j]) / sqrt_d for n rows of D elements. Four rows at a time share each load of q.
 template <typename T>
 void score_rows(const float* q, const T* K, int n, int D, float sqrt_d, float* s) {
-  const DF d;
-  const int N = int(hn::Lanes(d)), Dv = D / N * N;
   int j = 0;
   for (; j + 4 <= n; j += 4) {
     const T* k0 = K + size_t(j) * D;
-    const T *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
-    auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
-    for (int e = 0; e < Dv; e += N) {
-      const auto qv = hn::LoadU(d, q + e);
-      a0 = hn::MulAdd(load_f32(d, k0 + e), qv, a0);
-      a1 = hn::MulAdd(load_f32(d, k1 + e), qv, a1);
-      a2 = hn::MulAdd(load_f32(d, k2 + e), qv, a2);
-      a3 = hn::MulAdd(load_f32(d, k3 + e), qv, a3);
-    }
-    float r0 = hn::GetLane(hn::SumOfLanes(d, a0)), r1 = hn::GetLane(hn::SumOfLanes(d, a1));
-    float r2 = hn::GetLane(hn::SumOfLanes(d, a2)), r3 = hn::GetLane(hn::SumOfLanes(d, a3));
-    int e4 = Dv;
-    if (D - Dv >= 4) {  // head sizes like 100 leave a tail: take it 4 lanes at a time
-      const D4 d4;
-      auto t0 = hn::Zero(d4), t1 = hn::Zero(d4), t2 = hn::Zero(d4), t3 = hn::Zero(d4);
-      for (; e4 + 4 <= D; e4 += 4) {
-        const auto qv = hn::LoadU(d4, q + e4);
-        t0 = hn::MulAdd(load_f32(d4, k0 + e4), qv, t0);
-        t1 = hn::MulAdd(load_f32(d4, k1 + e4), qv, t1);
-        t2 = hn::MulAdd(load_f32(d4, k2 + e4), qv, t2);
-        t3 = hn::MulAdd(load_f32(d4, k3 + e4), qv, t3);
-      }
-      r0 += hn::GetLane(hn::SumOfLanes(d4, t0));
-      r1 += hn::GetLane(hn::SumOfLanes(d4, t1));
-      r2 += hn::GetLane(hn::SumOfLanes(d4, t2));
-      r3 += hn::GetLane(hn::SumOfLanes(d4, t3));
-    }
-    for (int e = e4; e < D; ++e) {
-      r0 += q[e] * scalar_f32(k0[e]);
-      r1 += q[e] * scalar_f32(k1[e]);
-      r2 += q[e] * scalar_f32(k2[e]);
-      r3 += q[e] * scalar_f32(k3[e]);
-    }
-    s[j] = r0 / sqrt_d;
-    s[j + 1] = r1 / sqrt_d;
-    s[j + 2] = r2 / sqrt_d;
-    s[j + 3] = r3 / sqrt_d;
+    simd::dot4(k0, k0 + D, k0 + 2 * D, k0 + 3 * D, q, D, s + j);
+    for (int r = 0; r < 4; ++r) s[j + r] /= sqrt_d;
   }
-  for (; j < n; ++j) {
-    const T* k0 = K + size_t(j) * D;
-    auto a0 = hn::Zero(d);
-    for (int e = 0; e < Dv; e += N) a0 = hn::MulAdd(load_f32(d, k0 + e), hn::LoadU(d, q + e), a0);
-    float r0 = hn::GetLane(hn::SumOfLanes(d, a0));
-    for (int e = Dv; e < D; ++e) r0 += q[e] * scalar_f32(k0[e]);
-    s[j] = r0 / sqrt_d;
-  }
+  for (; j < n; ++j) s[j] = simd::dot1(K + size_t(j) * D, q, D) / sqrt_d;
 }
 
 // acc[0..D) += Σ_j p[j] · V[j], four rows per pass over acc.

@@ -111,7 +111,7 @@ float dot_q4_0_vnni(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
 #endif
 
 // Plain loops for targets without 256-bit vectors (the results are the same integers).
-float dot_q_scalar(const uint8_t* blocks, bool q4, const ActQ8& x, int64_t nblocks) {
+[[maybe_unused]] float dot_q_scalar(const uint8_t* blocks, bool q4, const ActQ8& x, int64_t nblocks) {
   const float* f16 = f16_table();
   float total = 0.0f;
   for (int64_t b = 0; b < nblocks; ++b) {

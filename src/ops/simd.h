@@ -33,6 +33,20 @@ HWY_INLINE float scalar_f32(T x) {
   else return f16_to_f32(x.bits);
 }
 
+// s + r[i..n) · x[i..n) for the elements after the full vectors: four lanes at a time while four
+// remain (head sizes like 100 leave 4), then one by one. Shared by dot1 and dot4 so they agree.
+template <typename T>
+HWY_INLINE float add_tail(float s, const T* r, const float* x, int64_t i, int64_t n) {
+  if (n - i >= 4) {
+    const hn::CappedTag<float, 4> d4;
+    auto t = hn::Zero(d4);
+    for (; i + 4 <= n; i += 4) t = hn::MulAdd(load_f32(d4, r + i), hn::LoadU(d4, x + i), t);
+    s += hn::GetLane(hn::SumOfLanes(d4, t));
+  }
+  for (; i < n; ++i) s += x[i] * scalar_f32(r[i]);
+  return s;
+}
+
 // row · x with the same operation order as one row of dot4 (so the two agree to the bit).
 template <typename T>
 HWY_INLINE float dot1(const T* r0, const float* x, int64_t n) {
@@ -46,9 +60,7 @@ HWY_INLINE float dot1(const T* r0, const float* x, int64_t n) {
   }
   a0 = hn::Add(a0, b0);
   for (; i + N <= n; i += N) a0 = hn::MulAdd(load_f32(d, r0 + i), hn::LoadU(d, x + i), a0);
-  float s0 = hn::GetLane(hn::SumOfLanes(d, a0));
-  for (; i < n; ++i) s0 += x[i] * scalar_f32(r0[i]);
-  return s0;
+  return add_tail(hn::GetLane(hn::SumOfLanes(d, a0)), r0, x, i, n);
 }
 
 // out[r] = rows[r] · x for four rows of n elements: each load of x serves four rows.
@@ -81,18 +93,10 @@ HWY_INLINE void dot4(const T* r0, const T* r1, const T* r2, const T* r3, const f
     a2 = hn::MulAdd(load_f32(d, r2 + i), xv, a2);
     a3 = hn::MulAdd(load_f32(d, r3 + i), xv, a3);
   }
-  float s0 = hn::GetLane(hn::SumOfLanes(d, a0)), s1 = hn::GetLane(hn::SumOfLanes(d, a1));
-  float s2 = hn::GetLane(hn::SumOfLanes(d, a2)), s3 = hn::GetLane(hn::SumOfLanes(d, a3));
-  for (; i < n; ++i) {
-    s0 += x[i] * scalar_f32(r0[i]);
-    s1 += x[i] * scalar_f32(r1[i]);
-    s2 += x[i] * scalar_f32(r2[i]);
-    s3 += x[i] * scalar_f32(r3[i]);
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+  out[0] = add_tail(hn::GetLane(hn::SumOfLanes(d, a0)), r0, x, i, n);
+  out[1] = add_tail(hn::GetLane(hn::SumOfLanes(d, a1)), r1, x, i, n);
+  out[2] = add_tail(hn::GetLane(hn::SumOfLanes(d, a2)), r2, x, i, n);
+  out[3] = add_tail(hn::GetLane(hn::SumOfLanes(d, a3)), r3, x, i, n);
 }
 
 }  // namespace ll::simd
