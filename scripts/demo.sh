@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 scripts/build.sh >"$log" 2>&1 || { cat "$log"; exit 1; }
 rm -f "$log"
-build/longllama eval passkey -m models/passkey --tokens 1000000 --seeds "${SEEDS:-1,2}"
+build/longllama eval passkey -m models/passkey --tokens 1000000 --top-k 32 --seeds "${SEEDS:-1,2}"
