@@ -73,17 +73,20 @@ if ! command -v gnuplot >/dev/null; then
   exit 0
 fi
 png=$out/$task.png
-models=$(tail -n +2 "$csv" | awk -F, -v t="$task" -v k="$topk" '$1 == t && $4 == k {print $2}' | awk '!seen[$0]++')
+# One line per (model, top-k) in the CSV, so dense and top-k runs of a model can be compared.
+series=$(tail -n +2 "$csv" | awk -F, -v t="$task" '$1 == t {print $2 "," $4}' | awk '!seen[$0]++')
 plot=""
-for m in $models; do
-  f=$out/.$task.$m.dat
-  awk -F, -v t="$task" -v m="$m" -v k="$topk" '$1 == t && $2 == m && $4 == k {print $3, $6, $7, $8}' "$csv" | sort -n > "$f"
-  plot+="${plot:+, }'$f' using 1:2:3:4 with yerrorlines title '$m'"
+for mk in $series; do
+  m=${mk%,*} k=${mk#*,}
+  f=$out/.$task.$m.$k.dat
+  awk -F, -v t="$task" -v m="$m" -v k="$k" '$1 == t && $2 == m && $4 == k {print $3, $6, $7, $8}' "$csv" | sort -n > "$f"
+  if [ "$k" = 0 ]; then label="$m, dense"; else label="$m, top-k $k"; fi
+  plot+="${plot:+, }'$f' using 1:2:3:4 with yerrorlines title '$label'"
 done
 gnuplot <<GP
 set terminal pngcairo size 900,560 enhanced font ",11"
 set output "$png"
-set title "$task: accuracy vs memory size (top-k $topk; bars: min/max over seeds $seeds)"
+set title "$task: accuracy vs memory size (bars: min/max over the seeds; seeds per point in $task.csv)"
 set xlabel "tokens in memory"
 set ylabel "accuracy"
 set logscale x 2
