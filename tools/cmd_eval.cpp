@@ -65,7 +65,8 @@ int run_eval(const EvalArgs& a) {
     const auto& r = results.back();
     std::fprintf(stderr, "%s seed %llu: %lld/%lld correct%s\n", a.task.c_str(), (unsigned long long)seed,
                  (long long)r.correct, (long long)r.total,
-                 a.task == "passkey" ? (" (key " + std::to_string(r.key) + ", depth " + std::to_string(r.depth) + ")").c_str()
+                 a.task == "passkey" ? (" (key " + std::to_string(r.key) + ", answered \"" + tok->decode(r.generated) +
+                                        "\", depth " + std::to_string(r.depth) + ")").c_str()
                                      : "");
   }
   double sum = 0, mn = 1, mx = 0, ingest_s = 0;
