@@ -241,9 +241,10 @@ TEST(Config, DefaultsAndErrors) {
 
 // Ingesting without logits skips what cannot matter (layers above the last memory layer, and its
 // attention, in windows that go to memory): the memory and everything after must be identical
-// to the full computation.
+// to the full computation. Without memory layers such windows are skipped entirely.
 TEST(Session, IngestWithoutLogitsIsExact) {
-  for (std::vector<int> mem_layers : {std::vector<int>{1}, std::vector<int>{0, 2}, std::vector<int>{2}}) {
+  for (std::vector<int> mem_layers :
+       {std::vector<int>{1}, std::vector<int>{0, 2}, std::vector<int>{2}, std::vector<int>{}}) {
     ModelConfig c = tiny_config();
     c.mem_layers = mem_layers;
     const Model m = Model::random(c, 11);

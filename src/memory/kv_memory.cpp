@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "ops/quant.h"
+#include "util/huge_alloc.h"
 
 namespace ll {
 
@@ -48,29 +49,50 @@ void KVMemory::load_rows(const uint8_t* q, const float* scale, int rows, float* 
       out[size_t(r) * head_dim_ + e] = float(reinterpret_cast<const int8_t*>(q)[size_t(r) * head_dim_ + e]) * scale[r];
 }
 
+std::shared_ptr<KVMemory::Chunk> KVMemory::new_chunk() {
+  constexpr size_t kSlabBytes = size_t(32) << 20;
+  constexpr size_t kAlign = 64;
+  const size_t half = (size_t(kChunkTokens) * head_dim_ * elem_ * heads_ + kAlign - 1) / kAlign * kAlign;
+  if (!arena_.slab || arena_.size - arena_.used < 2 * half) {
+    arena_.size = std::max(kSlabBytes, 2 * half);
+    arena_.slab = alloc_huge(arena_.size);
+    arena_.used = 0;
+  }
+  auto c = std::make_shared<Chunk>();
+  c->owner = arena_.slab;
+  c->k = arena_.slab.get() + arena_.used;
+  c->v = c->k + half;
+  arena_.used += 2 * half;
+  std::memset(c->k, 0, 2 * half);
+  if (dtype_ == MemDType::Q8) {
+    c->ks.resize(size_t(heads_) * kChunkTokens);
+    c->vs.resize(size_t(heads_) * kChunkTokens);
+  }
+  return c;
+}
+
 void KVMemory::append(const float* k, const float* v, int n, int ld) {
   const size_t head_bytes = size_t(kChunkTokens) * head_dim_ * elem_;
   for (int t = 0; t < n; ++t, ++size_) {
     const int64_t slot = size_ % kChunkTokens;
     if (slot == 0) {
-      auto c = std::make_shared<Chunk>();
-      c->k.resize(head_bytes * heads_);
-      c->v.resize(head_bytes * heads_);
-      if (dtype_ == MemDType::Q8) {
-        c->ks.resize(size_t(heads_) * kChunkTokens);
-        c->vs.resize(size_t(heads_) * kChunkTokens);
-      }
-      chunks_.push_back(std::move(c));
-    } else if (chunks_.back().use_count() > 1) {
-      chunks_.back() = std::make_shared<Chunk>(*chunks_.back());  // copy-on-write of a shared tail
+      chunks_.push_back(new_chunk());
+    } else if (chunks_.back().use_count() > 1) {  // copy-on-write of a shared tail
+      auto c = new_chunk();
+      const Chunk& old = *chunks_.back();
+      std::memcpy(c->k, old.k, head_bytes * heads_);
+      std::memcpy(c->v, old.v, head_bytes * heads_);
+      c->ks = old.ks;
+      c->vs = old.vs;
+      chunks_.back() = std::move(c);
     }
     Chunk& c = *chunks_.back();
     for (int h = 0; h < heads_; ++h) {
       const size_t off = h * head_bytes + size_t(slot) * head_dim_ * elem_;
       const size_t si = size_t(h) * kChunkTokens + size_t(slot);
       const bool q8 = dtype_ == MemDType::Q8;
-      store_row(k + int64_t(t) * ld + h * head_dim_, c.k.data() + off, q8 ? &c.ks[si] : nullptr);
-      store_row(v + int64_t(t) * ld + h * head_dim_, c.v.data() + off, q8 ? &c.vs[si] : nullptr);
+      store_row(k + int64_t(t) * ld + h * head_dim_, c.k + off, q8 ? &c.ks[si] : nullptr);
+      store_row(v + int64_t(t) * ld + h * head_dim_, c.v + off, q8 ? &c.vs[si] : nullptr);
     }
   }
 }
@@ -81,7 +103,7 @@ KVBlock KVMemory::block(int h, int64_t start, int max_n) const {
   const int slot = int(start % kChunkTokens);
   const int n = int(std::min<int64_t>({int64_t(max_n), int64_t(kChunkTokens - slot), size_ - start}));
   const size_t off = size_t(h) * kChunkTokens * head_dim_ * elem_ + size_t(slot) * head_dim_ * elem_;
-  KVBlock b{storage_type(dtype_), c.k.data() + off, c.v.data() + off, n};
+  KVBlock b{storage_type(dtype_), c.k + off, c.v + off, n};
   if (dtype_ == MemDType::Q8) {
     b.k_scale = &c.ks[size_t(h) * kChunkTokens + size_t(slot)];
     b.v_scale = &c.vs[size_t(h) * kChunkTokens + size_t(slot)];
@@ -93,12 +115,12 @@ void KVMemory::value_f32(int h, int64_t t, float* out) const {
   const Chunk& c = *chunks_[t / kChunkTokens];
   const size_t slot = size_t(t % kChunkTokens);
   const float* scale = dtype_ == MemDType::Q8 ? &c.vs[size_t(h) * kChunkTokens + slot] : nullptr;
-  load_rows(c.v.data() + size_t(h) * kChunkTokens * head_dim_ * elem_ + slot * head_dim_ * elem_, scale, 1, out);
+  load_rows(c.v + size_t(h) * kChunkTokens * head_dim_ * elem_ + slot * head_dim_ * elem_, scale, 1, out);
 }
 
 const void* KVMemory::value_row(int h, int64_t t) const {
   const Chunk& c = *chunks_[t / kChunkTokens];
-  return c.v.data() + size_t(h) * kChunkTokens * head_dim_ * elem_ + size_t(t % kChunkTokens) * head_dim_ * elem_;
+  return c.v + size_t(h) * kChunkTokens * head_dim_ * elem_ + size_t(t % kChunkTokens) * head_dim_ * elem_;
 }
 
 void KVMemory::read(int h, int64_t start, int count, float* kout, float* vout) const {
@@ -110,8 +132,8 @@ void KVMemory::read(int h, int64_t start, int count, float* kout, float* vout) c
     const size_t off = h * head_bytes + size_t(slot) * head_dim_ * elem_;
     const size_t si = size_t(h) * kChunkTokens + size_t(slot);
     const bool q8 = dtype_ == MemDType::Q8;
-    load_rows(c.k.data() + off, q8 ? &c.ks[si] : nullptr, n, kout);
-    load_rows(c.v.data() + off, q8 ? &c.vs[si] : nullptr, n, vout);
+    load_rows(c.k + off, q8 ? &c.ks[si] : nullptr, n, kout);
+    load_rows(c.v + off, q8 ? &c.vs[si] : nullptr, n, vout);
     kout += int64_t(n) * head_dim_;
     vout += int64_t(n) * head_dim_;
     start += n;

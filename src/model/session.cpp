@@ -102,8 +102,15 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
   // layer's attention cannot change anything, so they are skipped (exact, and it makes ingestion
   // linear in the input for a model with one memory layer).
   const bool kv_only = !window_cache && which != LogitsWanted::All && !c.mem_layers.empty();
+  // Without memory layers such a window leaves nothing behind at all: it is only counted.
+  const bool nothing_kept = !window_cache && which != LogitsWanted::All && c.mem_layers.empty();
   auto run = [&](int64_t begin, int64_t end, bool cache) {
     const bool final = end == T;  // the last chunk (a prefix window when last_context_length is 0)
+    if (nothing_kept && !final) {
+      tokens_seen_ += end - begin;
+      if (progress) progress(end, T);
+      return;
+    }
     float* out = nullptr;
     if (which == LogitsWanted::All) out = logits.data() + size_t(begin) * c.vocab_size;
     if (which == LogitsWanted::Last && final) out = logits.data();
