@@ -255,6 +255,16 @@ TEST(Session, IngestWithoutLogitsIsExact) {
     fast.forward(doc, true, LogitsWanted::None);
     full.forward(doc, true, LogitsWanted::All);
     for (int l : mem_layers) EXPECT_EQ(fast.memory_length(l), full.memory_length(l));
+    // Ingestion without a cache (all of doc to memory, as `eval` builds memories), then decoding.
+    Session fast_nc(m), full_nc(m);
+    fast_nc.forward(doc, false, LogitsWanted::None);
+    full_nc.forward(doc, false, LogitsWanted::All);
+    for (int l : mem_layers) EXPECT_EQ(fast_nc.memory_length(l), full_nc.memory_length(l));
+    for (int i = 0; i < 5; ++i) {
+      const auto a = fast_nc.forward({i % 97}, true, LogitsWanted::Last);
+      const auto b = full_nc.forward({i % 97}, true, LogitsWanted::Last);
+      ASSERT_EQ(a, b) << "no-cache ingestion, step " << i;
+    }
     for (int i = 0; i < 40; ++i) {  // decoding crosses a flush, so memory and local cache are both used
       const auto a = fast.forward({i % 97}, true, LogitsWanted::Last);
       const auto b = full.forward({i % 97}, true, LogitsWanted::Last);

@@ -381,3 +381,24 @@ TEST(ShippedModels, PasskeyRetrievedFromMemory) {
   }
   EXPECT_EQ(correct, 5);
 }
+
+// The dictionary models shipped in models/dict-* (docs/tasks.md): the FoT model answers queries
+// about definitions that only its memory holds far above the chance level of the model without
+// memory layers (1/64 per value token). 4k tokens of definitions keep the test to seconds.
+TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
+  const std::filesystem::path models = std::filesystem::path(LONGLLAMA_SOURCE_DIR) / "models";
+  auto accuracy = [&](const char* name) {
+    ll::Weights w = ll::Weights::load((models / name).string());
+    int64_t correct = 0, total = 0;
+    for (uint64_t seed = 1; seed <= 3; ++seed) {
+      const ll::tasks::SeedResult r = ll::tasks::eval_dictionary(w, 4096, seed, 32, nullptr);
+      EXPECT_GE(r.prefix_tokens, 4096);
+      correct += r.correct;
+      total += r.total;
+    }
+    return double(correct) / double(total);
+  };
+  const double fot = accuracy("dict-fot"), nomem = accuracy("dict-nomem");
+  EXPECT_GT(fot, 0.3);
+  EXPECT_LT(nomem, 0.06);
+}

@@ -114,8 +114,10 @@ std::vector<float> Session::forward(const std::vector<int>& ids, bool use_cache,
     float* out = nullptr;
     if (which == LogitsWanted::All) out = logits.data() + size_t(begin) * c.vocab_size;
     if (which == LogitsWanted::Last && final) out = logits.data();
+    // The final chunk is skipped alike when it too goes to memory and nothing is asked of it.
+    const bool skip_above = kv_only && (!final || (!cache && which == LogitsWanted::None));
     run_chunk(ids.data() + begin, int(end - begin), cache, which == LogitsWanted::All,
-              which == LogitsWanted::Last && final, out, kv_only && !final);
+              which == LogitsWanted::Last && final, out, skip_above);
     if (progress) progress(end, T);
   };
   for (int64_t s = 0; s < pre; s += W) run(s, std::min(pre, s + W), window_cache);
