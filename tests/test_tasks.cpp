@@ -393,6 +393,11 @@ TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
     for (uint64_t seed = 1; seed <= 3; ++seed) {
       const ll::tasks::SeedResult r = ll::tasks::eval_dictionary(w, 4096, seed, 32, nullptr);
       EXPECT_GE(r.prefix_tokens, 4096);
+      // the split by value place (v1 … v4) recounts the same predictions
+      EXPECT_EQ(r.total_by_place, std::vector<int64_t>(4, 25));
+      int64_t by_place = 0;
+      for (int64_t n : r.correct_by_place) by_place += n;
+      EXPECT_EQ(by_place, r.correct);
       correct += r.correct;
       total += r.total;
     }

@@ -82,6 +82,20 @@ int run_eval(const EvalArgs& a) {
     total += r.total;
     mem_bytes = std::max(mem_bytes, r.memory_bytes);
   }
+  // dictionary: accuracy by the value's place in its entry, over all seeds
+  std::vector<int64_t> place_correct, place_total;
+  for (const auto& r : results)
+    for (size_t i = 0; i < r.total_by_place.size(); ++i) {
+      if (i >= place_total.size()) {
+        place_total.resize(i + 1, 0);
+        place_correct.resize(i + 1, 0);
+      }
+      place_total[i] += r.total_by_place[i];
+      place_correct[i] += r.correct_by_place[i];
+    }
+  std::vector<double> by_place;
+  for (size_t i = 0; i < place_total.size(); ++i)
+    by_place.push_back(place_total[i] ? double(place_correct[i]) / double(place_total[i]) : 0.0);
   const double acc = sum / double(results.size());
   const double rate = ingest_s > 0 ? double(ingested) / ingest_s : 0.0;
   const size_t rss = ll::peak_rss_bytes();
@@ -120,10 +134,16 @@ int run_eval(const EvalArgs& a) {
                           {"peak_rss_bytes", rss},
                           {"threads", omp_get_max_threads()},
                           {"per_seed", per}};
+    if (a.task == "dictionary") out["accuracy_by_value_place"] = by_place;
     std::printf("%s\n", out.dump().c_str());
   } else {
     std::printf("%s: %lld tokens, %zu seed(s), top-k %s: accuracy %.4f (min %.4f, max %.4f)\n", a.task.c_str(),
                 (long long)a.tokens, seeds.size(), a.top_k ? std::to_string(a.top_k).c_str() : "dense", acc, mn, mx);
+    if (!by_place.empty()) {
+      std::printf("by value place (all seeds):");
+      for (size_t i = 0; i < by_place.size(); ++i) std::printf(" v%zu %.3f", i + 1, by_place[i]);
+      std::printf("\n");
+    }
     std::printf("ingest: %lld tokens in %.2f s (%.0f tokens/s), memory %.1f MB, peak RSS %.1f MB\n",
                 (long long)ingested, ingest_s, rate, mem_bytes / 1e6, rss / 1e6);
   }

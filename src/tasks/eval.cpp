@@ -75,6 +75,19 @@ SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k,
   r.correct = sc.correct;
   r.total = sc.total;
   r.accuracy = sc.accuracy();
+  // The same greedy predictions, split by place: a scored token right after an unscored one is v1.
+  const int V = w.config.vocab_size;
+  int place = 0;
+  for (size_t i = 1; i < e.queries.size(); ++i) {
+    if (!e.scored[i]) continue;
+    place = e.scored[i - 1] ? place + 1 : 0;
+    if (size_t(place) >= r.total_by_place.size()) {
+      r.total_by_place.resize(place + 1, 0);
+      r.correct_by_place.resize(place + 1, 0);
+    }
+    ++r.total_by_place[place];
+    r.correct_by_place[place] += argmax(&logits[(i - 1) * size_t(V)], V) == e.queries[i];
+  }
   return r;
 }
 

@@ -24,6 +24,9 @@ struct SeedResult {
   int64_t prompt_tokens = 0;      // prefix + the scored call
   double ingest_seconds = 0.0;
   size_t memory_bytes = 0;
+  // dictionary only: correct/total by the value's place in its entry (v1 … v4): v1 needs the
+  // lookup itself, v2–v4 can also lean on the values already given
+  std::vector<int64_t> correct_by_place, total_by_place;
   // passkey only
   int key = 0;
   double depth = 0.0;
