@@ -150,6 +150,35 @@ TEST(Dictionary, CurriculumOptions) {
     EXPECT_EQ(q, 25);
   }
   EXPECT_EQ(counts, (std::set<int>{2, 3, 4, 5}));
+  // A random offset: pads of random length open each definition window, then the definitions,
+  // contiguous and whole; the queries still ask about them.
+  o = tasks::DictionaryOptions::from_json({{"definitions", 4}, {"random_offset", 1}, {"length", 768}}, "t");
+  std::set<size_t> starts;
+  for (uint64_t s = 0; s < 40; ++s) {
+    train::Rng rng(s);
+    const auto d = tasks::dictionary_document(o, rng);
+    ASSERT_EQ(d.tokens.size(), 768u);
+    std::map<std::vector<int>, std::vector<int>> defs;
+    for (size_t w = 0; w < 2; ++w) {
+      size_t i = w * 256 + (w == 0);
+      if (w == 0) {
+        EXPECT_EQ(d.tokens[0], kBos);
+      }
+      while (d.tokens[i] == kPad) ++i;
+      starts.insert(i - w * 256);
+      EXPECT_LE(i + 4 * kEntry, (w + 1) * 256);
+      int n = 0;
+      const auto part = check_definitions(d.tokens, i, (w + 1) * 256, false, &n);
+      EXPECT_EQ(n, 4);
+      defs.insert(part.begin(), part.end());
+    }
+    for (size_t i = 512; d.tokens[i] == kQueryMark; i += kEntry) {
+      ASSERT_TRUE(defs.count(key_of(d.tokens, i)));
+      EXPECT_EQ(values_of(d.tokens, i), defs.at(key_of(d.tokens, i)));
+    }
+  }
+  EXPECT_GT(starts.size(), 20u) << "offsets vary";
+  EXPECT_GT(*starts.rbegin(), 150u) << "definitions reach the second half of the window";
   // Local definitions open the query window; queries cover them and the memory's definitions.
   o = tasks::DictionaryOptions::from_json({{"definitions", 2}, {"local_definitions", 3}, {"unique_queries", 1}}, "t");
   for (uint64_t s = 0; s < 10; ++s) {
@@ -193,11 +222,13 @@ TEST(Dictionary, EvaluationDocument) {
     const auto e = tasks::dictionary_eval(n, 9);
     ASSERT_EQ(int64_t(e.prefix.size()), n);
     std::map<std::vector<int>, std::vector<int>> all;
+    std::map<std::vector<int>, int> slot_of;  // key -> definitions before it in its window
     int64_t defs = 0;
     for (int64_t b = 0; b < n; b += 256) {
       int c = 0;
       for (const auto& kv : check_definitions(e.prefix, size_t(b), size_t(std::min<int64_t>(n, b + 256)), b == 0, &c))
         EXPECT_TRUE(all.insert(kv).second) << "keys must be distinct over the whole memory";
+      for (size_t i = size_t(b) + (b == 0), k = 0; int(k) < c; i += kEntry, ++k) slot_of[key_of(e.prefix, i)] = int(k);
       defs += c;
     }
     EXPECT_EQ(defs, e.definitions);
@@ -210,7 +241,10 @@ TEST(Dictionary, EvaluationDocument) {
       ASSERT_TRUE(all.count(k));
       EXPECT_EQ(values_of(e.queries, i), all.at(k));
       for (int j = 0; j < kEntry; ++j) EXPECT_EQ(e.scored[i + j], j >= 6);
+      ASSERT_LT(size_t(q), e.query_slot.size());
+      EXPECT_EQ(e.query_slot[size_t(q)], slot_of.at(k)) << "query " << q << " of " << n << " tokens";
     }
+    EXPECT_EQ(e.query_slot.size(), size_t(q));
     for (uint8_t s : e.scored) scored += s;
     EXPECT_EQ(q, 25);
     EXPECT_EQ(scored, 100);
@@ -342,6 +376,10 @@ TEST(EvalCli, DictionaryAndPasskeyOnATinyRandomModel) {
   double mean = 0;
   for (const auto& s : j["per_seed"]) mean += s["accuracy"].get<double>() / 3;
   EXPECT_NEAR(mean, acc, 1e-12);
+  int64_t by_slot = 0;  // value tokens split by the definition's slot in its window
+  for (const auto& n : j["values_by_definition_slot"]) by_slot += n.get<int64_t>();
+  EXPECT_EQ(by_slot, 300);
+  EXPECT_EQ(j["accuracy_by_definition_slot"].size(), j["values_by_definition_slot"].size());
   // The same command gives the same answer.
   auto again = nlohmann::json::parse(run_cli("eval dictionary -m " + (dir / "m").string() +
                                              " --tokens 3000 --seeds 1,2,3 --top-k 4 --json").out);
@@ -398,6 +436,15 @@ TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
       int64_t by_place = 0;
       for (int64_t n : r.correct_by_place) by_place += n;
       EXPECT_EQ(by_place, r.correct);
+      // and so does the split by the definition's slot in its window
+      int64_t slot_correct = 0, slot_total = 0;
+      for (size_t i = 0; i < r.total_by_slot.size(); ++i) {
+        slot_correct += r.correct_by_slot[i];
+        slot_total += r.total_by_slot[i];
+      }
+      EXPECT_EQ(slot_correct, r.correct);
+      EXPECT_EQ(slot_total, r.total);
+      EXPECT_LE(r.total_by_slot.size(), 25u);
       correct += r.correct;
       total += r.total;
     }

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -82,20 +83,26 @@ int run_eval(const EvalArgs& a) {
     total += r.total;
     mem_bytes = std::max(mem_bytes, r.memory_bytes);
   }
-  // dictionary: accuracy by the value's place in its entry, over all seeds
-  std::vector<int64_t> place_correct, place_total;
-  for (const auto& r : results)
-    for (size_t i = 0; i < r.total_by_place.size(); ++i) {
-      if (i >= place_total.size()) {
-        place_total.resize(i + 1, 0);
-        place_correct.resize(i + 1, 0);
+  // dictionary: accuracy by the value's place in its entry and by the definition's slot in its
+  // window, over all seeds
+  const auto merged = [&](std::vector<int64_t> ll::tasks::SeedResult::*correct_of,
+                          std::vector<int64_t> ll::tasks::SeedResult::*total_of) {
+    std::vector<int64_t> c, t;
+    for (const auto& r : results)
+      for (size_t i = 0; i < (r.*total_of).size(); ++i) {
+        if (i >= t.size()) {
+          t.resize(i + 1, 0);
+          c.resize(i + 1, 0);
+        }
+        t[i] += (r.*total_of)[i];
+        c[i] += (r.*correct_of)[i];
       }
-      place_total[i] += r.total_by_place[i];
-      place_correct[i] += r.correct_by_place[i];
-    }
-  std::vector<double> by_place;
-  for (size_t i = 0; i < place_total.size(); ++i)
-    by_place.push_back(place_total[i] ? double(place_correct[i]) / double(place_total[i]) : 0.0);
+    std::vector<double> acc;
+    for (size_t i = 0; i < t.size(); ++i) acc.push_back(t[i] ? double(c[i]) / double(t[i]) : 0.0);
+    return std::make_pair(acc, t);
+  };
+  const auto [by_place, place_total] = merged(&ll::tasks::SeedResult::correct_by_place, &ll::tasks::SeedResult::total_by_place);
+  const auto [by_slot, slot_total] = merged(&ll::tasks::SeedResult::correct_by_slot, &ll::tasks::SeedResult::total_by_slot);
   const double acc = sum / double(results.size());
   const double rate = ingest_s > 0 ? double(ingested) / ingest_s : 0.0;
   const size_t rss = ll::peak_rss_bytes();
@@ -134,7 +141,11 @@ int run_eval(const EvalArgs& a) {
                           {"peak_rss_bytes", rss},
                           {"threads", omp_get_max_threads()},
                           {"per_seed", per}};
-    if (a.task == "dictionary") out["accuracy_by_value_place"] = by_place;
+    if (a.task == "dictionary") {
+      out["accuracy_by_value_place"] = by_place;
+      out["accuracy_by_definition_slot"] = by_slot;
+      out["values_by_definition_slot"] = slot_total;
+    }
     std::printf("%s\n", out.dump().c_str());
   } else {
     std::printf("%s: %lld tokens, %zu seed(s), top-k %s: accuracy %.4f (min %.4f, max %.4f)\n", a.task.c_str(),
@@ -142,6 +153,18 @@ int run_eval(const EvalArgs& a) {
     if (!by_place.empty()) {
       std::printf("by value place (all seeds):");
       for (size_t i = 0; i < by_place.size(); ++i) std::printf(" v%zu %.3f", i + 1, by_place[i]);
+      std::printf("\n");
+    }
+    if (!by_slot.empty()) {  // groups of 5 slots (a window of 256 holds 25 definitions)
+      std::printf("by definition slot in its window (all seeds):");
+      for (size_t g = 0; g < by_slot.size(); g += 5) {
+        int64_t c = 0, t = 0;
+        for (size_t i = g; i < std::min(by_slot.size(), g + 5); ++i) {
+          t += slot_total[i];
+          c += int64_t(std::llround(by_slot[i] * double(slot_total[i])));
+        }
+        std::printf(" %zu-%zu %.3f", g, std::min(by_slot.size(), g + 5) - 1, t ? double(c) / double(t) : 0.0);
+      }
       std::printf("\n");
     }
     std::printf("ingest: %lld tokens in %.2f s (%.0f tokens/s), memory %.1f MB, peak RSS %.1f MB\n",

@@ -11,7 +11,7 @@ using namespace dict;
 
 DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const std::string& where) {
   train::check_task_options(o, {"length", "window", "min_definitions", "max_definitions", "definitions", "queries",
-                                "symbols", "unique_queries", "local_definitions"},
+                                "symbols", "unique_queries", "local_definitions", "random_offset"},
                             where);
   DictionaryOptions d;
   train::task_option(o, "length", d.length, where, 2);
@@ -29,6 +29,9 @@ DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const st
   int unique = 0;
   train::task_option(o, "unique_queries", unique, where, 0);
   d.unique_queries = unique != 0;
+  int offset = 0;
+  train::task_option(o, "random_offset", offset, where, 0);
+  d.random_offset = offset != 0;
   if (d.symbols > kSymbols) throw Error(where + ": task option 'symbols' must be <= " + std::to_string(kSymbols));
   if (d.length % d.window != 0 || d.length < 2 * d.window)
     throw Error(where + ": task option 'length' must be a multiple of 'window' and at least 2 windows");
@@ -91,10 +94,11 @@ std::vector<int64_t> pick(int64_t count, int n, train::Rng& rng) {
   return r;
 }
 
-// Fills tokens (and scored) with a query window of `window` tokens ending in EOS.
+// Fills tokens (and scored) with a query window of `window` tokens ending in EOS; returns the
+// indices (into def_starts) of the definitions asked about, in order.
 // With `local` > 0, that many new definitions open the window (keys distinct from `used`) and the
 // queries are drawn from the earlier and these definitions together.
-void query_window(std::vector<int>& tokens, std::vector<uint8_t>& scored, const std::vector<int>& defs_tokens,
+std::vector<int64_t> query_window(std::vector<int>& tokens, std::vector<uint8_t>& scored, const std::vector<int>& defs_tokens,
                   std::vector<int64_t> def_starts, int window, int queries, train::Rng& rng, int local = 0,
                   std::unordered_set<uint32_t>* used = nullptr, int symbols = kSymbols) {
   const size_t begin = tokens.size();
@@ -113,13 +117,15 @@ void query_window(std::vector<int>& tokens, std::vector<uint8_t>& scored, const 
   }
   const int fit = std::min(queries, int(window - 1 - (tokens.size() - begin)) / kEntry);
   if (def_starts.empty()) throw Error("dictionary: a document without definitions");
-  for (int64_t i : pick(int64_t(def_starts.size()), fit, rng)) put_query(tokens, scored, &(*defs)[def_starts[i]]);
+  std::vector<int64_t> picked = pick(int64_t(def_starts.size()), fit, rng);
+  for (int64_t i : picked) put_query(tokens, scored, &(*defs)[def_starts[i]]);
   while (tokens.size() - begin < size_t(window - 1)) {
     tokens.push_back(kPad);
     scored.push_back(0);
   }
   tokens.push_back(kEos);
   scored.push_back(0);
+  return picked;
 }
 
 }  // namespace
@@ -136,6 +142,10 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
     const int fit = int(o.window - (t.size() - begin)) / kEntry;
     const int lo = std::min(o.min_definitions, fit), hi = std::min(o.max_definitions, fit);
     const int n = lo + int(rng.below(uint32_t(hi - lo + 1)));
+    if (o.random_offset) {  // the window's free space goes first, in a random amount
+      const int free = int(o.window - (t.size() - begin)) - n * kEntry;
+      t.insert(t.end(), size_t(rng.below(uint32_t(free + 1))), kPad);
+    }
     for (int i = 0; i < n; ++i) {
       starts.push_back(int64_t(t.size()));
       put_definition(t, used, o.symbols, rng);
@@ -173,7 +183,11 @@ DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window)
     throw Error("dictionary: --tokens " + std::to_string(prefix_tokens) + " holds no definition (need >= " +
                 std::to_string(kEntry + 1) + ")");
   e.definitions = int64_t(starts.size());
-  query_window(e.queries, e.scored, e.prefix, starts, window, 1 << 30, rng);
+  for (int64_t i : query_window(e.queries, e.scored, e.prefix, starts, window, 1 << 30, rng)) {
+    int slot = 0;  // definitions before this one in its window
+    while (slot < i && starts[size_t(i - slot - 1)] / window == starts[size_t(i)] / window) ++slot;
+    e.query_slot.push_back(slot);
+  }
   return e;
 }
 

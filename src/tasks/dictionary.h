@@ -43,6 +43,11 @@ struct DictionaryOptions {
   // stepping stone for learning the lookup before it has to go through memory.
   int local_definitions = 0;
   bool unique_queries = false;  // at most one query per definition (else definitions repeat)
+  // Pads of a random length (up to the window's free space) open each definition window, so a
+  // few definitions still land anywhere in it. Without it, a curriculum of few definitions only
+  // ever fills the start of the window and the lookup learned there does not carry over to later
+  // positions (docs/tasks.md, session 4).
+  bool random_offset = false;
   int symbols = dict::kSymbols;  // symbols used (<= 64): fewer make a smaller key space
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };
@@ -56,6 +61,9 @@ struct DictionaryEval {
   std::vector<int> prefix;
   std::vector<int> queries;
   std::vector<uint8_t> scored;
+  // per query (entry q starts at queries[q * kEntry]): its definition's slot in its window of the
+  // prefix (0 = the window's first definition), for the accuracy by slot
+  std::vector<int> query_slot;
   int64_t definitions = 0;
 };
 DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window = 256);

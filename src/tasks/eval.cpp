@@ -77,16 +77,22 @@ SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k,
   r.accuracy = sc.accuracy();
   // The same greedy predictions, split by place: a scored token right after an unscored one is v1.
   const int V = w.config.vocab_size;
+  const auto count = [](std::vector<int64_t>& correct, std::vector<int64_t>& total, size_t at, bool ok) {
+    if (at >= total.size()) {
+      total.resize(at + 1, 0);
+      correct.resize(at + 1, 0);
+    }
+    ++total[at];
+    correct[at] += ok;
+  };
   int place = 0;
   for (size_t i = 1; i < e.queries.size(); ++i) {
     if (!e.scored[i]) continue;
     place = e.scored[i - 1] ? place + 1 : 0;
-    if (size_t(place) >= r.total_by_place.size()) {
-      r.total_by_place.resize(place + 1, 0);
-      r.correct_by_place.resize(place + 1, 0);
-    }
-    ++r.total_by_place[place];
-    r.correct_by_place[place] += argmax(&logits[(i - 1) * size_t(V)], V) == e.queries[i];
+    const bool ok = argmax(&logits[(i - 1) * size_t(V)], V) == e.queries[i];
+    count(r.correct_by_place, r.total_by_place, size_t(place), ok);
+    const size_t query = i / dict::kEntry;
+    if (query < e.query_slot.size()) count(r.correct_by_slot, r.total_by_slot, size_t(e.query_slot[query]), ok);
   }
   return r;
 }

@@ -27,6 +27,9 @@ struct SeedResult {
   // dictionary only: correct/total by the value's place in its entry (v1 … v4): v1 needs the
   // lookup itself, v2–v4 can also lean on the values already given
   std::vector<int64_t> correct_by_place, total_by_place;
+  // dictionary only: the same by the slot of the queried definition in its window of the prefix
+  // (0 = first of the window): a lookup learned on few definitions per window fails past them
+  std::vector<int64_t> correct_by_slot, total_by_slot;
   // passkey only
   int key = 0;
   double depth = 0.0;
