@@ -80,10 +80,13 @@ void BM_Matmul(benchmark::State& st, DType t) {
 }
 
 // Decoding over memory: one query of one head against a memory of range(0) tokens (bf16 or q8)
-// through HeadAttention (fused, widens rows in registers), vs the library path (convert to f32,
+// through HeadAttention (fused, widens rows in registers; with and without its software prefetch;
+// 64k tokens of one head mostly fit the L3 cache, 256k do not), vs the library path (convert to f32,
 // then sgemv for the scores and for the weighted values).
-void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool bf16_kernel = true) {
+void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool bf16_kernel = true,
+                        int prefetch_bytes = 8192) {
   HeadAttention::bf16_kernel = bf16_kernel;
+  HeadAttention::prefetch_bytes = prefetch_bytes;
   const int n = int(st.range(0)), D = 100;
   KVMemory mem(1, D, type);
   std::vector<float> k(size_t(KVMemory::kChunkTokens) * D, 0.01f);
@@ -124,8 +127,10 @@ BENCHMARK_CAPTURE(BM_Matvec, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Arg(65536)->Arg(262144)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Arg(65536)->Arg(262144)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16, false)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Arg(65536)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Arg(65536)->Arg(262144)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8_no_prefetch, false, MemDType::Q8, true, 0)->Arg(65536)->Arg(262144)->UseRealTime();
 BENCHMARK_MAIN();

@@ -31,6 +31,8 @@ class HeadAttention {
   // The AVX-512 bf16 decode kernel (on by default where built); off = the Highway path, for
   // tests and benchmarks that compare the two.
   static inline bool bf16_kernel = true;
+  // How far ahead (bytes) the fused decode loops prefetch key/value rows; 0 = off (benchmarks).
+  static inline int prefetch_bytes = 8192;
 
   // q: nq rows of D floats with row stride ldq (already rotated).
   HeadAttention(const float* q, int nq, int ldq, int D);
