@@ -761,6 +761,7 @@ float ref_store(ll::MemDType t, float x) {
     case ll::MemDType::F32: return x;
     case ll::MemDType::BF16: return from_bits(uint32_t(ref_f32_to_bf16(x)) << 16);
     case ll::MemDType::F16: return float(ref_f16_value(ref_f32_to_f16(x)));
+    case ll::MemDType::Q8: break;  // per-row scales: not a per-element rounding
   }
   return 0.0f;
 }
