@@ -250,6 +250,15 @@ TEST(Dictionary, EvaluationDocument) {
     EXPECT_EQ(scored, 100);
   }
   EXPECT_THROW(tasks::dictionary_eval(10, 1), Error);
+  // A smaller alphabet (a curriculum stage): only its symbols, and no more definitions than its
+  // distinct keys allow (8 symbols: 4,096 keys, at most half of them used).
+  const auto e8 = tasks::dictionary_eval(4096, 5, 256, 8);
+  for (int t : e8.prefix) EXPECT_LT(t, kFirstSymbol + 8);
+  for (int t : e8.queries) EXPECT_LT(t, kFirstSymbol + 8);
+  EXPECT_EQ(e8.query_slot.size(), 25u);
+  EXPECT_THROW(tasks::dictionary_eval(30000, 5, 256, 8), Error);
+  EXPECT_THROW(tasks::dictionary_eval(1000, 5, 256, 1), Error);
+  EXPECT_THROW(tasks::dictionary_eval(1000, 5, 256, 65), Error);
 }
 
 TEST(Dictionary, GreedyScoringOracle) {

@@ -23,7 +23,7 @@ struct EvalArgs {
   std::string task, model, tokenizer, seeds = "1";
   LoadFlags load;
   int64_t tokens = 0;
-  int top_k = 0, threads = 0;
+  int top_k = 0, threads = 0, symbols = 64;
   double depth = -1.0;
   bool json = false;
 };
@@ -61,7 +61,7 @@ int run_eval(const EvalArgs& a) {
   for (uint64_t seed : seeds) {
     ProgressLine progress(a.task + " seed " + std::to_string(seed) + " memory");
     auto cb = [&](int64_t done, int64_t total) { progress(done, total); };
-    results.push_back(a.task == "dictionary" ? ll::tasks::eval_dictionary(w, a.tokens, seed, a.top_k, cb)
+    results.push_back(a.task == "dictionary" ? ll::tasks::eval_dictionary(w, a.tokens, seed, a.top_k, cb, a.symbols)
                                              : ll::tasks::eval_passkey(w, *tok, a.tokens, seed, a.depth, a.top_k, cb));
     const auto& r = results.back();
     std::fprintf(stderr, "%s seed %llu: %lld/%lld correct%s\n", a.task.c_str(), (unsigned long long)seed,
@@ -142,6 +142,7 @@ int run_eval(const EvalArgs& a) {
                           {"threads", omp_get_max_threads()},
                           {"per_seed", per}};
     if (a.task == "dictionary") {
+      out["symbols"] = a.symbols;
       out["accuracy_by_value_place"] = by_place;
       out["accuracy_by_definition_slot"] = by_slot;
       out["values_by_definition_slot"] = slot_total;
@@ -190,6 +191,10 @@ void add_eval_commands(CLI::App& app, Commands& out) {
     c->add_option("--seeds", a->seeds, "Comma-separated seeds")->capture_default_str();
     c->add_option("--top-k", a->top_k, "Memory attention to the top k memory keys (0: dense, all of memory)")
         ->capture_default_str();
+    if (std::string(task) == "dictionary")
+      c->add_option("--symbols", a->symbols, "Draw keys and values from the first N of the 64 symbols (curriculum stages)")
+          ->check(CLI::Range(2, 64))
+          ->capture_default_str();
     if (std::string(task) == "passkey") {
       c->add_option("--depth", a->depth, "Depth of the key line in [0, 1] (default: random per seed)");
       c->add_option("--tokenizer", a->tokenizer, "tokenizer.model (default: the model's)");

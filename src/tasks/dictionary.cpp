@@ -160,22 +160,26 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
   return d;
 }
 
-DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window) {
+DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window, int symbols) {
   if (window <= kEntry + 1) throw Error("dictionary: window must be > " + std::to_string(kEntry + 1));
+  if (symbols < 2 || symbols > kSymbols)
+    throw Error("dictionary: symbols must be in [2, " + std::to_string(kSymbols) + "], got " + std::to_string(symbols));
   DictionaryEval e;
   train::Rng rng(train::mix_seed(seed, 0x64696374ull));
   std::vector<int>& t = e.prefix;
   t.reserve(size_t(prefix_tokens));
   std::vector<int64_t> starts;
   std::unordered_set<uint32_t> used;
-  const int64_t max_defs = int64_t(kSymbols) * kSymbols * kSymbols * kSymbols / 2;
+  const int64_t max_defs = int64_t(symbols) * symbols * symbols * symbols / 2;
   for (int64_t begin = 0; begin < prefix_tokens; begin += window) {
     const int64_t end = std::min(prefix_tokens, begin + window);
     if (begin == 0) t.push_back(kBos);
     while (int64_t(t.size()) + kEntry <= end) {
-      if (int64_t(starts.size()) >= max_defs) throw Error("dictionary: too many definitions for distinct keys");
+      if (int64_t(starts.size()) >= max_defs)
+        throw Error("dictionary: --tokens " + std::to_string(prefix_tokens) + " needs more distinct keys than " +
+                    std::to_string(symbols) + " symbols give (at most " + std::to_string(max_defs) + " definitions)");
       starts.push_back(int64_t(t.size()));
-      put_definition(t, used, kSymbols, rng);
+      put_definition(t, used, symbols, rng);
     }
     t.resize(size_t(end), kPad);
   }

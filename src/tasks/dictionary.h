@@ -66,7 +66,8 @@ struct DictionaryEval {
   std::vector<int> query_slot;
   int64_t definitions = 0;
 };
-DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window = 256);
+// symbols < 64 draws keys and values from the first `symbols` only (the curriculum's alphabets).
+DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window = 256, int symbols = dict::kSymbols);
 
 // Greedy scoring of a call's logits: row i of logits [T x vocab] predicts tokens[i + 1]; a scored
 // token tokens[i] (i >= 1) counts as correct when argmax(row i - 1) == tokens[i] (ties go to the

@@ -43,12 +43,13 @@ int argmax(const float* row, int n) { return int(std::max_element(row, row + n) 
 
 }  // namespace
 
-SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k, const IngestProgress& progress) {
+SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k, const IngestProgress& progress,
+                           int symbols) {
   const int W = w.config.max_position_embeddings;
   if (w.config.vocab_size < dict::kVocab)
     throw Error("dictionary: the model's vocab_size " + std::to_string(w.config.vocab_size) + " < " +
                 std::to_string(dict::kVocab));
-  const DictionaryEval e = dictionary_eval(tokens, seed, W);
+  const DictionaryEval e = dictionary_eval(tokens, seed, W, symbols);
   Session s(w);
   s.set_memory_top_k(top_k);
   SeedResult r;

@@ -39,7 +39,9 @@ struct SeedResult {
 // Dictionary lookup: N = tokens of definitions in memory, then one query window of W tokens
 // (W = max_position_embeddings; 25 queries for W = 256). Accuracy = fraction of the queried value
 // tokens whose greedy argmax prediction, given the true prefix (teacher forcing), is exact.
-SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k, const IngestProgress& progress);
+// symbols < 64: keys and values from the first `symbols` only (to probe a curriculum's stages).
+SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k, const IngestProgress& progress,
+                           int symbols = 64);
 
 // Passkey: the LongLLaMA prompt of `tokens` tokens (<= tokens, as close as the text allows), the
 // key at `depth` (< 0: uniform random from the seed); the last min(T, W - answer - 1) tokens (the
