@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -178,6 +179,22 @@ TEST(Dictionary, CurriculumOptions) {
     }
   }
   EXPECT_GT(starts.size(), 20u) << "offsets vary";
+  // Without BOS the first definition window is laid out like a later one (definitions from token 0).
+  o = tasks::DictionaryOptions::from_json({{"bos", 0}}, "t");
+  for (uint64_t s = 0; s < 5; ++s) {
+    train::Rng rng(s);
+    const auto d = tasks::dictionary_document(o, rng);
+    ASSERT_EQ(d.tokens.size(), 512u);
+    EXPECT_EQ(d.tokens[0], kKeyMark);
+    int n = 0;
+    const auto defs = check_definitions(d.tokens, 0, 256, false, &n);
+    EXPECT_EQ(n, 25);
+    for (size_t i = 256; d.tokens[i] == kQueryMark; i += kEntry) {
+      ASSERT_TRUE(defs.count(key_of(d.tokens, i)));
+      EXPECT_EQ(values_of(d.tokens, i), defs.at(key_of(d.tokens, i)));
+    }
+    EXPECT_EQ(std::count(d.tokens.begin(), d.tokens.end(), kBos), 0);
+  }
   EXPECT_GT(*starts.rbegin(), 150u) << "definitions reach the second half of the window";
   // Local definitions open the query window; queries cover them and the memory's definitions.
   o = tasks::DictionaryOptions::from_json({{"definitions", 2}, {"local_definitions", 3}, {"unique_queries", 1}}, "t");

@@ -103,6 +103,8 @@ int run_eval(const EvalArgs& a) {
   };
   const auto [by_place, place_total] = merged(&ll::tasks::SeedResult::correct_by_place, &ll::tasks::SeedResult::total_by_place);
   const auto [by_slot, slot_total] = merged(&ll::tasks::SeedResult::correct_by_slot, &ll::tasks::SeedResult::total_by_slot);
+  const auto [by_window, window_total] =
+      merged(&ll::tasks::SeedResult::correct_by_window, &ll::tasks::SeedResult::total_by_window);
   const double acc = sum / double(results.size());
   const double rate = ingest_s > 0 ? double(ingested) / ingest_s : 0.0;
   const size_t rss = ll::peak_rss_bytes();
@@ -146,6 +148,9 @@ int run_eval(const EvalArgs& a) {
       out["accuracy_by_value_place"] = by_place;
       out["accuracy_by_definition_slot"] = by_slot;
       out["values_by_definition_slot"] = slot_total;
+      // [first window, later windows]; a side with no queries reads 0 with 0 values
+      out["accuracy_by_definition_window"] = by_window;
+      out["values_by_definition_window"] = window_total;
     }
     std::printf("%s\n", out.dump().c_str());
   } else {
@@ -166,6 +171,12 @@ int run_eval(const EvalArgs& a) {
         }
         std::printf(" %zu-%zu %.3f", g, std::min(by_slot.size(), g + 5) - 1, t ? double(c) / double(t) : 0.0);
       }
+      std::printf("\n");
+    }
+    if (!by_window.empty()) {
+      std::printf("by definition window (all seeds): first %.3f (%lld values)", by_window[0], (long long)window_total[0]);
+      if (by_window.size() > 1)
+        std::printf(", later %.3f (%lld values)", by_window[1], (long long)window_total[1]);
       std::printf("\n");
     }
     std::printf("ingest: %lld tokens in %.2f s (%.0f tokens/s), memory %.1f MB, peak RSS %.1f MB\n",

@@ -11,7 +11,7 @@ using namespace dict;
 
 DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const std::string& where) {
   train::check_task_options(o, {"length", "window", "min_definitions", "max_definitions", "definitions", "queries",
-                                "symbols", "unique_queries", "local_definitions", "random_offset"},
+                                "symbols", "unique_queries", "local_definitions", "random_offset", "bos"},
                             where);
   DictionaryOptions d;
   train::task_option(o, "length", d.length, where, 2);
@@ -32,6 +32,9 @@ DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const st
   int offset = 0;
   train::task_option(o, "random_offset", offset, where, 0);
   d.random_offset = offset != 0;
+  int bos = 1;
+  train::task_option(o, "bos", bos, where, 0);
+  d.bos = bos != 0;
   if (d.symbols > kSymbols) throw Error(where + ": task option 'symbols' must be <= " + std::to_string(kSymbols));
   if (d.length % d.window != 0 || d.length < 2 * d.window)
     throw Error(where + ": task option 'length' must be a multiple of 'window' and at least 2 windows");
@@ -138,7 +141,7 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
   const int def_windows = o.length / o.window - 1;
   for (int w = 0; w < def_windows; ++w) {
     const size_t begin = t.size();
-    if (w == 0) t.push_back(kBos);
+    if (w == 0 && o.bos) t.push_back(kBos);
     const int fit = int(o.window - (t.size() - begin)) / kEntry;
     const int lo = std::min(o.min_definitions, fit), hi = std::min(o.max_definitions, fit);
     const int n = lo + int(rng.below(uint32_t(hi - lo + 1)));
@@ -191,6 +194,7 @@ DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window,
     int slot = 0;  // definitions before this one in its window
     while (slot < i && starts[size_t(i - slot - 1)] / window == starts[size_t(i)] / window) ++slot;
     e.query_slot.push_back(slot);
+    e.query_first_window.push_back(starts[size_t(i)] < window);
   }
   return e;
 }

@@ -49,6 +49,10 @@ struct DictionaryOptions {
   // positions (docs/tasks.md, session 4).
   bool random_offset = false;
   int symbols = dict::kSymbols;  // symbols used (<= 64): fewer make a smaller key space
+  // BOS opens the document. Without it the first definition window looks like every later window
+  // of a long evaluation prefix (which has BOS only in its first window): a model that only ever
+  // saw definition windows opened by BOS reads the later ones badly (docs/tasks.md, session 5).
+  bool bos = true;
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };
 
@@ -64,6 +68,8 @@ struct DictionaryEval {
   // per query (entry q starts at queries[q * kEntry]): its definition's slot in its window of the
   // prefix (0 = the window's first definition), for the accuracy by slot
   std::vector<int> query_slot;
+  // per query: whether its definition is in the prefix's first window (the one that opens with BOS)
+  std::vector<uint8_t> query_first_window;
   int64_t definitions = 0;
 };
 // symbols < 64 draws keys and values from the first `symbols` only (the curriculum's alphabets).
