@@ -4,6 +4,7 @@
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "ops/matmul.h"
 #include "ops/qgroup.h"
 #include "ops/quant.h"
+#include "perf/machine.h"
 #include "util/huge_alloc.h"
 
 using namespace ll;
@@ -53,6 +55,29 @@ void BM_Matvec(benchmark::State& st, DType t, bool grouped) {
     benchmark::DoNotOptimize(y.data());
   }
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(m.bytes()));
+}
+
+// The same kernel cycling through 12 matrices (0.2-0.7 GB), so every byte comes from DRAM as in a
+// decoded token (one 8640 x 3200 matrix fits the 32 MiB L3 at q4_0 and q8_0). Read next to
+// BM_ReadBandwidth: the ratio is the kernel's share of the machine's streaming bandwidth.
+void BM_MatvecDram(benchmark::State& st, DType t, bool grouped) {
+  std::vector<std::unique_ptr<TestMatrix>> ms;
+  for (int i = 0; i < 12; ++i) ms.push_back(std::make_unique<TestMatrix>(t, kRows, kCols, grouped));
+  std::vector<float> y(kRows);
+  size_t i = 0;
+  for (auto _ : st) {
+    const TestMatrix& m = *ms[i++ % ms.size()];
+    matvec(m.ref, m.x.data(), y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(ms[0]->bytes()));
+}
+
+// The streaming-read probe of `longllama bench` (1 GiB, best of 5), as a counter.
+void BM_ReadBandwidth(benchmark::State& st) {
+  double bw = 0.0;
+  for (auto _ : st) bw = measure_read_bandwidth();
+  st.counters["probe_bytes_per_second"] = bw;
 }
 
 // The library path for f32: OpenBLAS sgemv on the same matrix.
@@ -124,6 +149,11 @@ BENCHMARK_CAPTURE(BM_Matvec, q8_0_rows, DType::Q8_0, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q8_0_grouped, DType::Q8_0, true)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_rows, DType::Q4_0, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
+BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, f16, DType::F16, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, q8_0_grouped, DType::Q8_0, true)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
+BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
