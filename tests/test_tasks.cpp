@@ -219,6 +219,78 @@ TEST(Dictionary, CurriculumOptions) {
     EXPECT_EQ(asked.size(), 5u);
     for (; i < 511; ++i) EXPECT_EQ(d.tokens[i], kPad);
   }
+  // Near keys: with near_keys 100 every definition after the first differs from an earlier one of
+  // its document in exactly one symbol (keys stay distinct, queries still match); with 0 almost none.
+  auto one_off_share = [&](int near_keys) -> double {
+    auto on = tasks::DictionaryOptions::from_json({{"definitions", 20}, {"near_keys", near_keys}, {"length", 768}}, "t");
+    int with = 0, total = 0;
+    for (uint64_t s = 0; s < 20; ++s) {
+      train::Rng rng(s);
+      const auto d = tasks::dictionary_document(on, rng);
+      std::vector<std::vector<int>> keys;
+      std::map<std::vector<int>, std::vector<int>> defs;
+      for (size_t w = 0; w < 2; ++w) {
+        for (size_t i = w * 256 + (w == 0); i + kEntry <= (w + 1) * 256 && d.tokens[i] == kKeyMark; i += kEntry) {
+          const auto k = key_of(d.tokens, i);
+          bool near = false;
+          for (const auto& e : keys) {
+            int diff = 0;
+            for (int j = 0; j < 4; ++j) diff += e[size_t(j)] != k[size_t(j)];
+            EXPECT_NE(diff, 0) << "keys are distinct";
+            near |= diff == 1;
+          }
+          if (!keys.empty()) {
+            ++total;
+            with += near;
+          }
+          keys.push_back(k);
+          defs[k] = values_of(d.tokens, i);
+        }
+      }
+      EXPECT_EQ(keys.size(), 40u);
+      for (size_t i = 512; d.tokens[i] == kQueryMark; i += kEntry) {
+        const auto it = defs.find(key_of(d.tokens, i));
+        EXPECT_TRUE(it != defs.end()) << "a query asks about a definition";
+        if (it != defs.end()) {
+          EXPECT_EQ(values_of(d.tokens, i), it->second);
+        }
+      }
+    }
+    return double(with) / total;
+  };
+  EXPECT_EQ(one_off_share(100), 1.0);
+  EXPECT_LT(one_off_share(0), 0.01);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"near_keys", 101}}, "t"), Error);
+  // Gaps: up to max_gap pads after each definition; every definition stays whole inside its window
+  // and the queries still match.
+  o = tasks::DictionaryOptions::from_json({{"min_definitions", 5}, {"max_definitions", 22}, {"max_gap", 3}, {"random_offset", 1}}, "t");
+  std::set<int> gap_sizes;
+  for (uint64_t s = 0; s < 30; ++s) {
+    train::Rng rng(s);
+    const auto d = tasks::dictionary_document(o, rng);
+    ASSERT_EQ(d.tokens.size(), 512u);
+    std::map<std::vector<int>, std::vector<int>> defs;
+    size_t i = 1;  // after BOS
+    int run = -1;  // pads since the last definition (-1: none yet)
+    while (i < 256) {
+      if (d.tokens[i] == kPad) {
+        if (run >= 0) ++run;
+        ++i;
+        continue;
+      }
+      ASSERT_EQ(d.tokens[i], kKeyMark) << "seed " << s << " at " << i;
+      ASSERT_LE(i + kEntry, 256u);
+      if (run >= 0) gap_sizes.insert(run);
+      EXPECT_TRUE(defs.emplace(key_of(d.tokens, i), values_of(d.tokens, i)).second);
+      i += kEntry;
+      run = 0;
+    }
+    for (size_t q = 256; d.tokens[q] == kQueryMark; q += kEntry) {
+      ASSERT_TRUE(defs.count(key_of(d.tokens, q)));
+      EXPECT_EQ(values_of(d.tokens, q), defs.at(key_of(d.tokens, q)));
+    }
+  }
+  EXPECT_EQ(gap_sizes, (std::set<int>{0, 1, 2, 3}));
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"definitions", 0}}, "t"), Error);
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"length", 300}}, "t"), Error);
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"bogus", 1}}, "t"), Error);

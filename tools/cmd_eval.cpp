@@ -25,7 +25,7 @@ struct EvalArgs {
   int64_t tokens = 0;
   int top_k = 0, threads = 0, symbols = 64;
   double depth = -1.0;
-  bool json = false;
+  bool json = false, ranks = false;
 };
 
 std::vector<uint64_t> parse_seeds(const std::string& s) {
@@ -61,7 +61,7 @@ int run_eval(const EvalArgs& a) {
   for (uint64_t seed : seeds) {
     ProgressLine progress(a.task + " seed " + std::to_string(seed) + " memory");
     auto cb = [&](int64_t done, int64_t total) { progress(done, total); };
-    results.push_back(a.task == "dictionary" ? ll::tasks::eval_dictionary(w, a.tokens, seed, a.top_k, cb, a.symbols)
+    results.push_back(a.task == "dictionary" ? ll::tasks::eval_dictionary(w, a.tokens, seed, a.top_k, cb, a.symbols, a.ranks)
                                              : ll::tasks::eval_passkey(w, *tok, a.tokens, seed, a.depth, a.top_k, cb));
     const auto& r = results.back();
     std::fprintf(stderr, "%s seed %llu: %lld/%lld correct%s\n", a.task.c_str(), (unsigned long long)seed,
@@ -105,6 +105,41 @@ int run_eval(const EvalArgs& a) {
   const auto [by_slot, slot_total] = merged(&ll::tasks::SeedResult::correct_by_slot, &ll::tasks::SeedResult::total_by_slot);
   const auto [by_window, window_total] =
       merged(&ll::tasks::SeedResult::correct_by_window, &ll::tasks::SeedResult::total_by_window);
+  ll::tasks::MemoryRanks ranks;
+  for (const auto& r : results) ranks.merge(r.ranks);
+  // --ranks, per value place: fractions over queries and heads, then per head (its target offset
+  // from the queried definition's <k>: the most frequent place of its first-ranked key)
+  nlohmann::json ranks_json = nlohmann::json::array();
+  using MR = ll::tasks::MemoryRanks;
+  for (size_t p = 0; p < ranks.queries.size(); ++p) {
+    int64_t q = 0, t1 = 0, t32 = 0;
+    nlohmann::json heads = nlohmann::json::array();
+    for (size_t h = 0; h < ranks.queries[p].size(); ++h) {
+      const int64_t n = ranks.queries[p][h];
+      q += n;
+      t1 += ranks.target_first[p][h];
+      t32 += ranks.target_in_top32[p][h];
+      const auto& hist = ranks.first_at[p][h];
+      const int mode = int(std::max_element(hist.begin(), hist.end() - 1) - hist.begin());
+      heads.push_back({{"target_offset", mode - MR::kBefore},
+                       {"target_first", n ? double(ranks.target_first[p][h]) / double(n) : 0.0},
+                       {"target_in_top32", n ? double(ranks.target_in_top32[p][h]) / double(n) : 0.0},
+                       {"first_outside_definition_span", n ? double(hist[MR::kSpan]) / double(n) : 0.0}});
+    }
+    const auto& o = ranks.first_other[p];
+    ranks_json.push_back({{"place", p + 1},
+                          {"queries_x_heads", q},
+                          {"target_first", q ? double(t1) / double(q) : 0.0},
+                          {"target_in_top32", q ? double(t32) / double(q) : 0.0},
+                          {"first_when_not_target",
+                           {{"target_of_a_definition_sharing_0_key_symbols", o[0]},
+                            {"sharing_1", o[1]},
+                            {"sharing_2", o[2]},
+                            {"sharing_3", o[3]},
+                            {"near_the_queried_definition", o[4]},
+                            {"elsewhere", o[5]}}},
+                          {"heads", heads}});
+  }
   const double acc = sum / double(results.size());
   const double rate = ingest_s > 0 ? double(ingested) / ingest_s : 0.0;
   const size_t rss = ll::peak_rss_bytes();
@@ -151,6 +186,7 @@ int run_eval(const EvalArgs& a) {
       // [first window, later windows]; a side with no queries reads 0 with 0 values
       out["accuracy_by_definition_window"] = by_window;
       out["values_by_definition_window"] = window_total;
+      if (a.ranks) out["memory_ranks"] = ranks_json;
     }
     std::printf("%s\n", out.dump().c_str());
   } else {
@@ -179,6 +215,18 @@ int run_eval(const EvalArgs& a) {
         std::printf(", later %.3f (%lld values)", by_window[1], (long long)window_total[1]);
       std::printf("\n");
     }
+    for (const auto& pr : ranks_json) {
+      const auto& o = pr["first_when_not_target"];
+      std::printf("memory ranks v%d: target first %.3f, in top 32 %.3f (targets", pr["place"].get<int>(),
+                  pr["target_first"].get<double>(), pr["target_in_top32"].get<double>());
+      for (const auto& h : pr["heads"])
+        std::printf(" %+d:%.2f", h["target_offset"].get<int>(), h["target_first"].get<double>());
+      std::printf("); first when not the target: another definition's target sharing 0/1/2/3 key symbols "
+                  "%lld/%lld/%lld/%lld, near %lld, elsewhere %lld\n",
+                  o["target_of_a_definition_sharing_0_key_symbols"].get<long long>(), o["sharing_1"].get<long long>(),
+                  o["sharing_2"].get<long long>(), o["sharing_3"].get<long long>(),
+                  o["near_the_queried_definition"].get<long long>(), o["elsewhere"].get<long long>());
+    }
     std::printf("ingest: %lld tokens in %.2f s (%.0f tokens/s), memory %.1f MB, peak RSS %.1f MB\n",
                 (long long)ingested, ingest_s, rate, mem_bytes / 1e6, rss / 1e6);
   }
@@ -206,6 +254,10 @@ void add_eval_commands(CLI::App& app, Commands& out) {
       c->add_option("--symbols", a->symbols, "Draw keys and values from the first N of the 64 symbols (curriculum stages)")
           ->check(CLI::Range(2, 64))
           ->capture_default_str();
+    if (std::string(task) == "dictionary")
+      c->add_flag("--ranks", a->ranks,
+                  "Also rank the memory keys for each query of the first memory layer (where the right definition "
+                  "lands, what beats it)");
     if (std::string(task) == "passkey") {
       c->add_option("--depth", a->depth, "Depth of the key line in [0, 1] (default: random per seed)");
       c->add_option("--tokenizer", a->tokenizer, "tokenizer.model (default: the model's)");

@@ -238,6 +238,9 @@ void Session::attention(int layer, const float* Q, const float* K, const float* 
     }
   }
 
+  if (mem && mem_query_fn_)
+    for (int h = 0; h < H; ++h) mem_query_fn_(layer, h, &qh[size_t(h) * q * D], q);
+
   // Tasks: (head, block of queries). Each runs one online softmax over the local keys (causal)
   // and the whole memory (no mask).
   const int qb = q >= HeadAttention::kGemmMinQueries ? kQueryBlock : q;

@@ -58,6 +58,11 @@ class Session {
   // with a large memory can be timed without ingesting it first (the cost of attention does not
   // depend on the values).
   void fill_memory_random(int64_t n, uint64_t seed);
+  // Diagnostics (eval dictionary --ranks): memory layers pass each call's queries of head h,
+  // [count][head_dim] exactly as they are scored against the memory keys.
+  using MemoryQueryFn = std::function<void(int layer, int head, const float* q, int count)>;
+  void set_memory_query_observer(MemoryQueryFn f) { mem_query_fn_ = std::move(f); }
+  const KVMemory* memory(int layer) const { return memory_[layer] ? &*memory_[layer] : nullptr; }
 
  private:
   struct LocalCache {
@@ -79,6 +84,7 @@ class Session {
   std::vector<std::optional<KVMemory>> memory_;  // engaged for memory layers
   int64_t tokens_seen_ = 0;
   int top_k_ = 0;
+  MemoryQueryFn mem_query_fn_;
 };
 
 }  // namespace ll

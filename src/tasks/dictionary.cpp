@@ -11,7 +11,7 @@ using namespace dict;
 
 DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const std::string& where) {
   train::check_task_options(o, {"length", "window", "min_definitions", "max_definitions", "definitions", "queries",
-                                "symbols", "unique_queries", "local_definitions", "random_offset", "bos"},
+                                "symbols", "unique_queries", "local_definitions", "random_offset", "bos", "near_keys", "max_gap"},
                             where);
   DictionaryOptions d;
   train::task_option(o, "length", d.length, where, 2);
@@ -35,6 +35,9 @@ DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const st
   int bos = 1;
   train::task_option(o, "bos", bos, where, 0);
   d.bos = bos != 0;
+  train::task_option(o, "near_keys", d.near_keys, where, 0);
+  train::task_option(o, "max_gap", d.max_gap, where, 0);
+  if (d.near_keys > 100) throw Error(where + ": task option 'near_keys' is a percentage, must be <= 100");
   if (d.symbols > kSymbols) throw Error(where + ": task option 'symbols' must be <= " + std::to_string(kSymbols));
   if (d.length % d.window != 0 || d.length < 2 * d.window)
     throw Error(where + ": task option 'length' must be a multiple of 'window' and at least 2 windows");
@@ -54,12 +57,24 @@ uint32_t key_code(const int* k, int symbols) {
 }
 
 // Appends a definition with a fresh key (distinct from those in `used`) and random values.
+// With `near` (the start of an earlier definition in `out`), the key is that definition's key
+// with one symbol changed, when such a key is still free (else a random one).
 template <class Set>
-void put_definition(std::vector<int>& out, Set& used, int symbols, train::Rng& rng) {
+void put_definition(std::vector<int>& out, Set& used, int symbols, train::Rng& rng, int64_t near = -1) {
   int k[kKeyLength];
-  for (;;) {
+  bool found = false;
+  if (near >= 0) {
+    for (int attempt = 0; attempt < 8 && !found; ++attempt) {
+      for (int i = 0; i < kKeyLength; ++i) k[i] = out[size_t(near) + 1 + size_t(i)];
+      const int at = int(rng.below(kKeyLength));
+      const int old = k[at] - kFirstSymbol;
+      k[at] = kFirstSymbol + (old + 1 + int(rng.below(uint32_t(symbols - 1)))) % symbols;  // != old
+      found = used.insert(key_code(k, symbols)).second;
+    }
+  }
+  while (!found) {
     for (int& t : k) t = kFirstSymbol + int(rng.below(uint32_t(symbols)));
-    if (used.insert(key_code(k, symbols)).second) break;
+    found = used.insert(key_code(k, symbols)).second;
   }
   out.push_back(kKeyMark);
   out.insert(out.end(), k, k + kKeyLength);
@@ -145,13 +160,22 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
     const int fit = int(o.window - (t.size() - begin)) / kEntry;
     const int lo = std::min(o.min_definitions, fit), hi = std::min(o.max_definitions, fit);
     const int n = lo + int(rng.below(uint32_t(hi - lo + 1)));
-    if (o.random_offset) {  // the window's free space goes first, in a random amount
-      const int free = int(o.window - (t.size() - begin)) - n * kEntry;
+    int free = int(o.window - (t.size() - begin)) - n * kEntry;
+    std::vector<int> gaps(size_t(n), 0);
+    if (o.max_gap > 0)
+      for (int& g : gaps) {
+        g = std::min(free, int(rng.below(uint32_t(o.max_gap + 1))));
+        free -= g;
+      }
+    if (o.random_offset)  // the window's free space goes first, in a random amount
       t.insert(t.end(), size_t(rng.below(uint32_t(free + 1))), kPad);
-    }
     for (int i = 0; i < n; ++i) {
+      int64_t near = -1;
+      if (o.near_keys > 0 && !starts.empty() && int(rng.below(100)) < o.near_keys)
+        near = starts[rng.below(uint32_t(starts.size()))];
       starts.push_back(int64_t(t.size()));
-      put_definition(t, used, o.symbols, rng);
+      put_definition(t, used, o.symbols, rng, near);
+      t.insert(t.end(), size_t(gaps[size_t(i)]), kPad);
     }
     t.resize(begin + o.window, kPad);
   }
@@ -195,7 +219,9 @@ DictionaryEval dictionary_eval(int64_t prefix_tokens, uint64_t seed, int window,
     while (slot < i && starts[size_t(i - slot - 1)] / window == starts[size_t(i)] / window) ++slot;
     e.query_slot.push_back(slot);
     e.query_first_window.push_back(starts[size_t(i)] < window);
+    e.query_definition.push_back(starts[size_t(i)]);
   }
+  e.definition_starts = std::move(starts);
   return e;
 }
 

@@ -53,6 +53,17 @@ struct DictionaryOptions {
   // of a long evaluation prefix (which has BOS only in its first window): a model that only ever
   // saw definition windows opened by BOS reads the later ones badly (docs/tasks.md, session 5).
   bool bos = true;
+  // Hard negatives: each definition after the first of a document takes, with this probability
+  // (in percent), the key of an earlier definition of the document with one symbol changed, and
+  // its own values. A long evaluation memory holds many keys that share 2-3 symbols with the
+  // queried one; random training keys almost never do, so nothing taught the model to tell them
+  // apart (docs/tasks.md, session 6).
+  int near_keys = 0;
+  // Up to this many pads (uniform, as far as the window has room) follow each definition. Without
+  // gaps a definition is always followed by the next one at a fixed offset, and the lookup the
+  // curriculum found reads a definition's values from the tokens after it (the next definition's
+  // <k> … <v>), where its key symbols are 6–14 tokens back (docs/tasks.md, session 6).
+  int max_gap = 0;
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };
 
@@ -70,6 +81,10 @@ struct DictionaryEval {
   std::vector<int> query_slot;
   // per query: whether its definition is in the prefix's first window (the one that opens with BOS)
   std::vector<uint8_t> query_first_window;
+  // per query: where its definition starts in the prefix (its <k>)
+  std::vector<int64_t> query_definition;
+  // start of every definition in the prefix, ascending
+  std::vector<int64_t> definition_starts;
   int64_t definitions = 0;
 };
 // symbols < 64 draws keys and values from the first `symbols` only (the curriculum's alphabets).
