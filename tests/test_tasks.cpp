@@ -559,3 +559,37 @@ TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
   EXPECT_GT(fot, 0.8);  // 16 windows of definitions in memory, most without BOS
   EXPECT_LT(nomem, 0.06);
 }
+
+// eval dictionary --ranks on the shipped FoT model: every probe is counted once per head, the
+// targets' first places agree with the histogram of first-ranked keys, and the model's lookup
+// heads find the queried definition's target first for most queries of 16 windows.
+TEST(ShippedModels, DictionaryRanksFindTheLookup) {
+  const std::filesystem::path models = std::filesystem::path(LONGLLAMA_SOURCE_DIR) / "models";
+  ll::Weights w = ll::Weights::load((models / "dict-fot").string());
+  const ll::tasks::SeedResult r = ll::tasks::eval_dictionary(w, 4096, 1, 1, nullptr, 64, true);
+  const auto& k = r.ranks;
+  ASSERT_EQ(k.queries.size(), 4u);
+  for (size_t p = 0; p < 4; ++p) {
+    ASSERT_EQ(k.queries[p].size(), size_t(w.config.num_attention_heads));
+    int64_t missed = 0, other = 0;
+    double best = 0;
+    for (size_t h = 0; h < k.queries[p].size(); ++h) {
+      EXPECT_EQ(k.queries[p][h], 25);
+      EXPECT_LE(k.target_first[p][h], k.target_in_top32[p][h]);
+      EXPECT_LE(k.target_in_top32[p][h], k.queries[p][h]);
+      int64_t sum = 0;
+      for (int64_t c : k.first_at[p][h]) sum += c;
+      EXPECT_EQ(sum, 25);
+      // the target is the histogram's most frequent offset; it is first exactly there (no ties)
+      const auto& hist = k.first_at[p][h];
+      EXPECT_EQ(*std::max_element(hist.begin(), hist.end() - 1), k.target_first[p][h]);
+      missed += k.queries[p][h] - k.target_first[p][h];
+      best = std::max(best, double(k.target_first[p][h]) / double(k.queries[p][h]));
+    }
+    for (int64_t c : k.first_other[p]) other += c;
+    EXPECT_EQ(other, missed);
+    EXPECT_GT(best, 0.8) << "value place " << p + 1;
+  }
+  ll::Weights nomem = ll::Weights::load((models / "dict-nomem").string());
+  EXPECT_THROW(ll::tasks::eval_dictionary(nomem, 1024, 1, 1, nullptr, 64, true), ll::Error);
+}
