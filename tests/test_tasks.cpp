@@ -556,8 +556,28 @@ TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
     return double(correct) / double(total);
   };
   const double fot = accuracy("dict-fot"), nomem = accuracy("dict-nomem");
-  EXPECT_GT(fot, 0.8);  // 16 windows of definitions in memory, most without BOS
+  EXPECT_GT(fot, 0.9);  // 16 windows of definitions in memory, most without BOS
   EXPECT_LT(nomem, 0.06);
+}
+
+// The paper's claim on the shipped models: trained with crossbatch negatives, the lookup survives a
+// larger memory than trained without (d = 1). 64 windows (16k tokens), seeds 1-3; the sweep in
+// docs/dictionary.csv measured 0.946 vs 0.830 over seeds 1-5.
+TEST(ShippedModels, NegativesMakeTheLargerMemoryUsable) {
+  const std::filesystem::path models = std::filesystem::path(LONGLLAMA_SOURCE_DIR) / "models";
+  auto accuracy = [&](const char* name) {
+    ll::Weights w = ll::Weights::load((models / name).string());
+    int64_t correct = 0, total = 0;
+    for (uint64_t seed = 1; seed <= 3; ++seed) {
+      const ll::tasks::SeedResult r = ll::tasks::eval_dictionary(w, 16384, seed, 32, nullptr);
+      correct += r.correct;
+      total += r.total;
+    }
+    return double(correct) / double(total);
+  };
+  const double fot = accuracy("dict-fot"), d1 = accuracy("dict-d1");
+  EXPECT_GT(fot, 0.9);
+  EXPECT_GT(fot, d1 + 0.05);
 }
 
 // eval dictionary --ranks on the shipped FoT model: every probe is counted once per head, the
