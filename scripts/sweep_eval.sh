@@ -74,11 +74,13 @@ if ! command -v gnuplot >/dev/null; then
 fi
 png=$out/$task.png
 # One line per (model, top-k) in the CSV, so dense and top-k runs of a model can be compared.
+dat=$(mktemp -d)  # one data file per series, for gnuplot only
+trap 'rm -rf "$dat"' EXIT
 series=$(tail -n +2 "$csv" | awk -F, -v t="$task" '$1 == t {print $2 "," $4}' | awk '!seen[$0]++')
 plot=""
 for mk in $series; do
   m=${mk%,*} k=${mk#*,}
-  f=$out/.$task.$m.$k.dat
+  f=$dat/$task.$m.$k.dat
   awk -F, -v t="$task" -v m="$m" -v k="$k" '$1 == t && $2 == m && $4 == k {print $3, $6, $7, $8}' "$csv" | sort -n > "$f"
   if [ "$k" = 0 ]; then label="$m, dense"; else label="$m, top-k $k"; fi
   plot+="${plot:+, }'$f' using 1:2:3:4 with yerrorlines title '$label'"
