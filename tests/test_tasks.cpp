@@ -522,13 +522,27 @@ TEST(ShippedModels, PasskeyRetrievedFromMemory) {
 // about definitions that only its memory holds far above the chance level of the model without
 // memory layers (1/64 per value token). 4k tokens of definitions keep the test to seconds.
 // (Sessions 3–4's models answered ~0.45 here; the session-5 chain ~0.9.)
+// Seeds 1-3 of eval dictionary (top-k 32) on a model shipped in models/.
+static std::vector<ll::tasks::SeedResult> shipped_dictionary_runs(const char* name, int64_t tokens) {
+  ll::Weights w = ll::Weights::load((std::filesystem::path(LONGLLAMA_SOURCE_DIR) / "models" / name).string());
+  std::vector<ll::tasks::SeedResult> runs;
+  for (uint64_t seed = 1; seed <= 3; ++seed) runs.push_back(ll::tasks::eval_dictionary(w, tokens, seed, 32, nullptr));
+  return runs;
+}
+
+static double pooled_accuracy(const std::vector<ll::tasks::SeedResult>& runs) {
+  int64_t correct = 0, total = 0;
+  for (const auto& r : runs) {
+    correct += r.correct;
+    total += r.total;
+  }
+  return double(correct) / double(total);
+}
+
 TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
-  const std::filesystem::path models = std::filesystem::path(LONGLLAMA_SOURCE_DIR) / "models";
   auto accuracy = [&](const char* name) {
-    ll::Weights w = ll::Weights::load((models / name).string());
-    int64_t correct = 0, total = 0;
-    for (uint64_t seed = 1; seed <= 3; ++seed) {
-      const ll::tasks::SeedResult r = ll::tasks::eval_dictionary(w, 4096, seed, 32, nullptr);
+    const auto runs = shipped_dictionary_runs(name, 4096);
+    for (const ll::tasks::SeedResult& r : runs) {
       EXPECT_GE(r.prefix_tokens, 4096);
       // the split by value place (v1 … v4) recounts the same predictions
       EXPECT_EQ(r.total_by_place, std::vector<int64_t>(4, 25));
@@ -550,10 +564,8 @@ TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
         EXPECT_EQ(r.total_by_window[0] + r.total_by_window[1], r.total);
         EXPECT_EQ(r.correct_by_window[0] + r.correct_by_window[1], r.correct);
       }
-      correct += r.correct;
-      total += r.total;
     }
-    return double(correct) / double(total);
+    return pooled_accuracy(runs);
   };
   const double fot = accuracy("dict-fot"), nomem = accuracy("dict-nomem");
   EXPECT_GT(fot, 0.9);  // 16 windows of definitions in memory, most without BOS
@@ -564,18 +576,8 @@ TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
 // larger memory than trained without (d = 1). 64 windows (16k tokens), seeds 1-3; the sweep in
 // docs/dictionary.csv measured 0.946 vs 0.830 over seeds 1-5.
 TEST(ShippedModels, NegativesMakeTheLargerMemoryUsable) {
-  const std::filesystem::path models = std::filesystem::path(LONGLLAMA_SOURCE_DIR) / "models";
-  auto accuracy = [&](const char* name) {
-    ll::Weights w = ll::Weights::load((models / name).string());
-    int64_t correct = 0, total = 0;
-    for (uint64_t seed = 1; seed <= 3; ++seed) {
-      const ll::tasks::SeedResult r = ll::tasks::eval_dictionary(w, 16384, seed, 32, nullptr);
-      correct += r.correct;
-      total += r.total;
-    }
-    return double(correct) / double(total);
-  };
-  const double fot = accuracy("dict-fot"), d1 = accuracy("dict-d1");
+  const double fot = pooled_accuracy(shipped_dictionary_runs("dict-fot", 16384));
+  const double d1 = pooled_accuracy(shipped_dictionary_runs("dict-d1", 16384));
   EXPECT_GT(fot, 0.9);
   EXPECT_GT(fot, d1 + 0.05);
 }
