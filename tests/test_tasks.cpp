@@ -61,6 +61,18 @@ std::map<std::vector<int>, std::vector<int>> check_definitions(const std::vector
   return defs;
 }
 
+// Every query from `from` on (up to the first token that is not <q>) asks about a definition in
+// `defs` and repeats its values.
+void expect_queries_match(const std::vector<int>& t, size_t from, const std::map<std::vector<int>, std::vector<int>>& defs) {
+  for (size_t i = from; i < t.size() && t[i] == kQueryMark; i += kEntry) {
+    const auto it = defs.find(key_of(t, i));
+    EXPECT_TRUE(it != defs.end()) << "the query at " << i << " asks about no definition";
+    if (it != defs.end()) {
+      EXPECT_EQ(values_of(t, i), it->second) << "the query at " << i;
+    }
+  }
+}
+
 using ll::testing::CliRun;
 CliRun run_cli(const std::string& args, const char* redirect = "2>/dev/null") {
   return ll::testing::run_cli(LONGLLAMA_CLI, args, redirect);
@@ -173,10 +185,7 @@ TEST(Dictionary, CurriculumOptions) {
       EXPECT_EQ(n, 4);
       defs.insert(part.begin(), part.end());
     }
-    for (size_t i = 512; d.tokens[i] == kQueryMark; i += kEntry) {
-      ASSERT_TRUE(defs.count(key_of(d.tokens, i)));
-      EXPECT_EQ(values_of(d.tokens, i), defs.at(key_of(d.tokens, i)));
-    }
+    expect_queries_match(d.tokens, 512, defs);
   }
   EXPECT_GT(starts.size(), 20u) << "offsets vary";
   // Without BOS the first definition window is laid out like a later one (definitions from token 0).
@@ -189,10 +198,7 @@ TEST(Dictionary, CurriculumOptions) {
     int n = 0;
     const auto defs = check_definitions(d.tokens, 0, 256, false, &n);
     EXPECT_EQ(n, 25);
-    for (size_t i = 256; d.tokens[i] == kQueryMark; i += kEntry) {
-      ASSERT_TRUE(defs.count(key_of(d.tokens, i)));
-      EXPECT_EQ(values_of(d.tokens, i), defs.at(key_of(d.tokens, i)));
-    }
+    expect_queries_match(d.tokens, 256, defs);
     EXPECT_EQ(std::count(d.tokens.begin(), d.tokens.end(), kBos), 0);
   }
   EXPECT_GT(*starts.rbegin(), 150u) << "definitions reach the second half of the window";
@@ -248,13 +254,7 @@ TEST(Dictionary, CurriculumOptions) {
         }
       }
       EXPECT_EQ(keys.size(), 40u);
-      for (size_t i = 512; d.tokens[i] == kQueryMark; i += kEntry) {
-        const auto it = defs.find(key_of(d.tokens, i));
-        EXPECT_TRUE(it != defs.end()) << "a query asks about a definition";
-        if (it != defs.end()) {
-          EXPECT_EQ(values_of(d.tokens, i), it->second);
-        }
-      }
+      expect_queries_match(d.tokens, 512, defs);
     }
     return double(with) / total;
   };
@@ -285,10 +285,7 @@ TEST(Dictionary, CurriculumOptions) {
       i += kEntry;
       run = 0;
     }
-    for (size_t q = 256; d.tokens[q] == kQueryMark; q += kEntry) {
-      ASSERT_TRUE(defs.count(key_of(d.tokens, q)));
-      EXPECT_EQ(values_of(d.tokens, q), defs.at(key_of(d.tokens, q)));
-    }
+    expect_queries_match(d.tokens, 256, defs);
   }
   EXPECT_EQ(gap_sizes, (std::set<int>{0, 1, 2, 3}));
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"definitions", 0}}, "t"), Error);
