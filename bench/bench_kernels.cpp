@@ -37,7 +37,7 @@ struct TestMatrix {
     }
     for (float& v : x) v = nd(rng);
     ref = {t, rows, cols, mem.get()};
-    if (grouped) {  // the 16-row layout that Weights repacks Q8_0/Q4_0 into (ops/qgroup.h)
+    if (grouped) {  // the 16-row layout that Weights repacks Q8_0/Q4_0/F16 into (ops/qgroup.h)
       auto g = alloc_huge(bytes());
       group_rows(t, mem.get(), rows, cols, g.get());
       mem = g;
@@ -61,6 +61,7 @@ void BM_Matvec(benchmark::State& st, DType t, bool grouped) {
 // decoded token (one 8640 x 3200 matrix fits the 32 MiB L3 at q4_0 and q8_0). Read next to
 // BM_ReadBandwidth: the ratio is the kernel's share of the machine's streaming bandwidth.
 void BM_MatvecDram(benchmark::State& st, DType t, bool grouped) {
+  matvec_prefetch_bytes = int(st.range(0));
   std::vector<std::unique_ptr<TestMatrix>> ms;
   for (int i = 0; i < 12; ++i) ms.push_back(std::make_unique<TestMatrix>(t, kRows, kCols, grouped));
   std::vector<float> y(kRows);
@@ -71,6 +72,7 @@ void BM_MatvecDram(benchmark::State& st, DType t, bool grouped) {
     benchmark::DoNotOptimize(y.data());
   }
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(ms[0]->bytes()));
+  matvec_prefetch_bytes = 0;
 }
 
 // The streaming-read probe of `longllama bench` (1 GiB, best of 5), as a counter.
@@ -143,16 +145,19 @@ void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool 
 
 BENCHMARK_CAPTURE(BM_Matvec, f32, DType::F32, false)->UseRealTime();
 BENCHMARK(BM_Matvec_LibrarySgemv)->UseRealTime();
-BENCHMARK_CAPTURE(BM_Matvec, f16, DType::F16, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, f16_rows, DType::F16, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matvec, f16_grouped, DType::F16, true)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, bf16, DType::BF16, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q8_0_rows, DType::Q8_0, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q8_0_grouped, DType::Q8_0, true)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_rows, DType::Q4_0, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
 BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MatvecDram, f16, DType::F16, false)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MatvecDram, q8_0_grouped, DType::Q8_0, true)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MatvecDram, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
+// Arg: software prefetch distance in bytes (0 = hardware prefetcher only).
+BENCHMARK_CAPTURE(BM_MatvecDram, f16_rows, DType::F16, false)->Arg(0)->Arg(1024)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, f16_grouped, DType::F16, true)->Arg(0)->Arg(2048)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, q8_0_grouped, DType::Q8_0, true)->Arg(0)->Arg(2048)->Arg(8192)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, q4_0_grouped, DType::Q4_0, true)->Arg(0)->Arg(2048)->Arg(8192)->UseRealTime();
 BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
@@ -163,4 +168,5 @@ BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16,
 BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Arg(65536)->Arg(262144)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8_no_prefetch, false, MemDType::Q8, true, 0)->Arg(65536)->Arg(262144)->UseRealTime();
+
 BENCHMARK_MAIN();

@@ -1,7 +1,7 @@
-// The 16-row grouped Q8_0/Q4_0 layout (ops/qgroup.h) against the GGUF row layout: repacking loses
-// nothing (dequantized values bit-equal), the grouped matvec (VNNI kernel and its scalar twin)
-// equals the row-wise dot products up to float summation order, matvec/matmul dispatch on
-// MatrixRef::grouped, and a model decodes the same with and without repacking.
+// The 16-row grouped Q8_0/Q4_0/F16/BF16 layout (ops/qgroup.h) against the GGUF row layout:
+// repacking loses nothing (dequantized values bit-equal), the grouped matvec (AVX-512 kernels and
+// their scalar twins) equals the row-wise dot products up to float summation order, matvec/matmul
+// dispatch on MatrixRef::grouped, and a model decodes the same with and without repacking.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -25,6 +25,7 @@ struct Shape {
 };
 const Shape kShapes[] = {{16, 32}, {32, 96}, {48, 3200}, {16, 8640}, {112, 256}};
 const DType kQTypes[] = {DType::Q8_0, DType::Q4_0};
+const DType kAllTypes[] = {DType::Q8_0, DType::Q4_0, DType::F16, DType::BF16};
 
 std::vector<uint8_t> random_rows(std::mt19937_64& rng, DType t, int64_t rows, int64_t cols) {
   std::normal_distribution<float> n(0.0f, 0.3f);
@@ -55,11 +56,12 @@ std::string what(DType t, const Shape& s) {
 
 TEST(QGroup, RepackKeepsEveryValue) {
   std::mt19937_64 rng(1);
-  for (DType t : kQTypes)
+  for (DType t : kAllTypes)
     for (const Shape& s : kShapes) {
       const auto rows = random_rows(rng, t, s.rows, s.cols);
       const auto grouped = group(t, rows, s.rows, s.cols);
-      EXPECT_NE(grouped, rows) << what(t, s);
+      const bool same_layout = !ll::dtype_is_quantized(t) && s.cols == 32;  // one block: rows stay put
+      if (!same_layout) EXPECT_NE(grouped, rows) << what(t, s);
       std::vector<float> a(size_t(s.rows * s.cols)), b(a.size(), -1.0f);
       const size_t rb = ll::row_bytes(t, s.cols);
       for (int64_t r = 0; r < s.rows; ++r)
@@ -99,7 +101,7 @@ TEST(QGroup, MatvecEqualsRowDotProducts) {
 
 TEST(QGroup, MatrixRefDispatchForMatvecAndMatmul) {
   std::mt19937_64 rng(3);
-  for (DType t : kQTypes) {
+  for (DType t : kAllTypes) {
     const Shape s{1040, 96};  // two dequantization panels (1024 + 16 rows)
     const auto rows = random_rows(rng, t, s.rows, s.cols);
     const auto grouped = group(t, rows, s.rows, s.cols);
@@ -118,13 +120,41 @@ TEST(QGroup, MatrixRefDispatchForMatvecAndMatmul) {
   }
 }
 
+TEST(QGroup, HalfMatvecEqualsRowDotProducts) {
+  std::mt19937_64 rng(4);
+  for (DType t : {DType::F16, DType::BF16})
+    for (const Shape& s : kShapes) {
+      const auto rows = random_rows(rng, t, s.rows, s.cols);
+      const auto grouped = group(t, rows, s.rows, s.cols);
+      const auto x = random_x(rng, s.cols);
+      std::vector<float> fast(size_t(s.rows) + 16, NAN), slow(size_t(s.rows), NAN);
+      ll::matvec_grouped(t, grouped.data(), s.rows, s.cols, x.data(), fast.data());
+      ll::matvec_grouped_scalar(t, grouped.data(), s.rows, s.cols, x.data(), slow.data());
+      for (size_t i = size_t(s.rows); i < fast.size(); ++i) ASSERT_TRUE(std::isnan(fast[i])) << "wrote past the end";
+      const size_t rb = ll::row_bytes(t, s.cols);
+      double mag = 0;  // bound on the float summation-order difference
+      for (int64_t c = 0; c < s.cols; ++c) mag += std::fabs(x[size_t(c)]) * 0.3 * 4;
+      for (int64_t r = 0; r < s.rows; ++r) {
+        const float ref = ll::dot_row(t, rows.data() + size_t(r) * rb, x.data(), s.cols);
+        ASSERT_NEAR(slow[size_t(r)], ref, 2e-6 * mag) << what(t, s) << " row " << r;
+        ASSERT_NEAR(fast[size_t(r)], ref, 2e-6 * mag) << what(t, s) << " row " << r;
+      }
+    }
+  const std::vector<uint8_t> q(64 * 16);
+  std::vector<float> x(32), y(16);
+  EXPECT_THROW(ll::matvec_grouped(DType::Q8_0, q.data(), 16, 32, x.data(), y.data()), ll::Error);
+}
+
 TEST(QGroup, ShapesThatDoNotFit) {
-  EXPECT_FALSE(ll::should_group(DType::F16, 32, 32));
+  EXPECT_FALSE(ll::should_group(DType::F32, 32, 32));
+  EXPECT_FALSE(ll::should_group(DType::F16, 24, 32));
+  EXPECT_FALSE(ll::should_group(DType::BF16, 16, 48));
   EXPECT_FALSE(ll::should_group(DType::Q8_0, 24, 32));
   EXPECT_FALSE(ll::should_group(DType::Q4_0, 16, 48));
   std::vector<uint8_t> buf(4096);
   EXPECT_THROW(ll::group_rows(DType::Q8_0, buf.data(), 8, 32, buf.data()), ll::Error);
-  EXPECT_THROW(ll::group_rows(DType::BF16, buf.data(), 16, 32, buf.data()), ll::Error);
+  EXPECT_THROW(ll::group_rows(DType::F32, buf.data(), 16, 32, buf.data()), ll::Error);
+  EXPECT_THROW(ll::group_rows(DType::F16, buf.data(), 16, 40, buf.data()), ll::Error);
   EXPECT_THROW(ll::dequantize_grouped(DType::Q4_0, buf.data(), 32, 8, 16, nullptr), ll::Error);
 }
 
@@ -139,7 +169,7 @@ TEST(QGroup, ModelDecodesTheSameRepackedOrNot) {
   c.mem_layers = {1};
   c.last_context_length = 16;
   c.tie_word_embeddings = false;
-  for (DType t : kQTypes) {
+  for (DType t : kAllTypes) {
     const ll::Weights a0 = ll::Weights::random(c, t, 5, /*repack=*/true), b0 = ll::Weights::random(c, t, 5, false);
     EXPECT_EQ(a0.layers[0].w_up.ref.grouped, ll::should_group(t, 160, 64));
     EXPECT_FALSE(b0.layers[0].w_up.ref.grouped);

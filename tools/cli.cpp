@@ -50,7 +50,7 @@ ll::Tokenizer open_tokenizer(const std::string& path) {
 void LoadFlags::add(CLI::App* app) {
   app->add_option("--type", type, "Convert weights at load: f32, f16, bf16, q8_0, q4_0");
   app->add_flag("--no-mmap", no_mmap, "Copy a .gguf model into RAM instead of reading it through mmap");
-  app->add_flag("--no-repack", no_repack, "Keep Q8_0/Q4_0 matrices in the file's layout (no 16-row repacking)");
+  app->add_flag("--no-repack", no_repack, "Keep Q8_0/Q4_0/F16/BF16 matrices in the file's layout (no 16-row repacking; mapped files stay zero-copy)");
   app->add_option("--last-context-length", last_context_length, "Override last_context_length");
   app->add_option("--mem-type", mem_type, "Store memory keys/values as bfloat16, float16 or float32 (default: mem_dtype)");
 }

@@ -186,7 +186,7 @@ void Weights::repack_for_decode() {
   for (auto& L : layers)
     for (WeightMatrix* m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) any |= group_matrix(*m);
   if (lm_head.ref.data != embed.ref.data) any |= group_matrix(lm_head);
-  if (any && storage == "mmap") storage = "mmap+repacked";  // the Q matrices now live in RAM
+  if (any && storage == "mmap") storage = "mmap+repacked";  // the repacked matrices now live in RAM
 }
 
 void Weights::embed_row(int token, float* out) const {

@@ -44,8 +44,8 @@ struct Weights {
   // A model directory or a .gguf file. `type` converts every matrix (default: float32 for a
   // directory, as the official examples run; the stored types for a .gguf). use_mmap (GGUF only)
   // reads matrices straight from the page cache instead of copying them into RAM.
-  // Q8_0/Q4_0 matrices are then repacked for decoding (ops/qgroup.h) where this build has the
-  // kernel for it; repack = false keeps the file's layout (mapped matrices stay zero-copy).
+  // Q8_0/Q4_0/F16/BF16 matrices are then repacked for decoding (ops/qgroup.h) where this build
+  // has the kernel for it; repack = false keeps the file's layout (mapped matrices stay zero-copy).
   static Weights load(const std::string& path, std::optional<DType> type = {}, bool use_mmap = false,
                       bool repack = true);
   // From float32 parameters (e.g. a model being trained): F32 borrows the vectors, no copy.
@@ -54,8 +54,9 @@ struct Weights {
   // models too large to hold in float32 first. Deterministic in seed, fast (hash-based).
   static Weights random(const ModelConfig& c, DType type, uint64_t seed, bool repack = true);
 
-  // Repacks the Q8_0/Q4_0 projection matrices into 16-row groups (not the embedding, which is read
-  // by rows, nor a tied lm_head). Done by load/random/from_model; a no-op without the kernel.
+  // Repacks the Q8_0/Q4_0/F16/BF16 projection matrices into 16-row groups (not the embedding,
+  // which is read by rows, nor a tied lm_head). Done by load/random/from_model; a no-op without
+  // the kernel. Mapped matrices are copied into RAM by it (storage "mmap+repacked").
   void repack_for_decode();
 
   void embed_row(int token, float* out) const;  // dequantized embedding row

@@ -215,10 +215,11 @@ namespace {
 template <typename T>
 void matvec_plain(const T* w, int64_t rows, int64_t cols, const float* x, float* y) {
   const int64_t groups = rows / 4;
+  const int ahead = matvec_prefetch_bytes;
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t g = 0; g < groups; ++g) {
     const T* r = w + size_t(g) * 4 * cols;
-    simd::dot4(r, r + cols, r + 2 * cols, r + 3 * cols, x, cols, y + 4 * g);
+    simd::dot4(r, r + cols, r + 2 * cols, r + 3 * cols, x, cols, y + 4 * g, ahead);
   }
   for (int64_t r = groups * 4; r < rows; ++r) y[r] = simd::dot1(w + size_t(r) * cols, x, cols);
 }
@@ -227,6 +228,8 @@ void matvec_plain(const T* w, int64_t rows, int64_t cols, const float* x, float*
 
 void matvec(const MatrixRef& W, const float* x, float* y) {
   const int64_t rows = W.rows, cols = W.cols;
+  if (W.grouped && !dtype_is_quantized(W.type))
+    return matvec_grouped(W.type, static_cast<const uint8_t*>(W.data), rows, cols, x, y);
   switch (W.type) {
     case DType::F32: return matvec_plain(static_cast<const float*>(W.data), rows, cols, x, y);
     case DType::F16: return matvec_plain(static_cast<const hwy::float16_t*>(W.data), rows, cols, x, y);

@@ -19,6 +19,11 @@ struct MatrixRef {
   const uint8_t* row(int64_t r) const;  // not for grouped matrices
 };
 
+// How far ahead (bytes) the decode matvec kernels prefetch the weights they stream; 0 = off
+// (benchmarks compare the two). The hardware prefetcher alone leaves a core short of the
+// machine's streaming bandwidth when the loop does much work per byte (Q4_0).
+inline int matvec_prefetch_bytes = 0;
+
 // y[n, rows] = x[n, cols] · Wᵀ
 void matmul(const MatrixRef& W, const float* x, int n, float* y);
 // y[rows] = W · x, with the dot product of the matrix's type (the decode hot path).

@@ -4,11 +4,15 @@
 
 #include <cstring>
 
+#include "ops/matmul.h"
 #include "util/error.h"
 #include "util/half.h"
 
+#if defined(__AVX512F__)
+#define LONGLLAMA_GROUP_AVX512 1  // the F16/BF16 kernel
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define LONGLLAMA_GROUP_VNNI 1
+#define LONGLLAMA_GROUP_VNNI 1  // the Q8_0/Q4_0 kernel
 // GCC 12 warns about the deliberately undefined pass-through operand inside its own
 // _mm512_cvtph_ps / _mm512_cvtepi32_ps (avx512fintrin.h's `__m512 __Y = __Y;`).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -20,38 +24,46 @@ namespace {
 
 constexpr int kScaleBytes = kGroupRows * 2;
 
-int chunks(DType t) { return t == DType::Q8_0 ? 8 : 4; }  // 64-byte chunks per group block
-size_t group_block_bytes(DType t) { return size_t(kScaleBytes + 64 * chunks(t)); }
+bool is_half(DType t) { return t == DType::F16 || t == DType::BF16; }
+int chunks(DType t) { return t == DType::Q8_0 ? 8 : 4; }  // 64-byte chunks per Q group block
+// A group block: 16 rows x 32 columns.
+size_t group_block_bytes(DType t) { return is_half(t) ? size_t(kGroupRows * 64) : size_t(kScaleBytes + 64 * chunks(t)); }
 int32_t offset(DType t) { return t == DType::Q8_0 ? 128 : 8; }
+float half_to_f32(DType t, uint16_t h) { return t == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h); }
 
 void check(DType t, int64_t rows, int64_t cols, const char* what) {
-  if ((t != DType::Q8_0 && t != DType::Q4_0) || rows % kGroupRows != 0 || cols % kQBlock != 0)
-    throw Error(std::string(what) + ": grouped layout needs Q8_0/Q4_0, rows % 16 == 0 and cols % 32 == 0");
+  if ((t != DType::Q8_0 && t != DType::Q4_0 && !is_half(t)) || rows % kGroupRows != 0 || cols % kQBlock != 0)
+    throw Error(std::string(what) + ": grouped layout needs Q8_0/Q4_0/F16/BF16, rows % 16 == 0 and cols % 32 == 0 (got " +
+                dtype_name(t) + " " + std::to_string(rows) + "x" + std::to_string(cols) + ")");
 }
 
 }  // namespace
 
 bool should_group(DType t, int64_t rows, int64_t cols) {
+  if (rows <= 0 || rows % kGroupRows != 0 || cols % kQBlock != 0) return false;
 #if defined(LONGLLAMA_GROUP_VNNI)
-  return (t == DType::Q8_0 || t == DType::Q4_0) && rows % kGroupRows == 0 && cols % kQBlock == 0 && rows > 0;
-#else
-  (void)t, (void)rows, (void)cols;
-  return false;
+  if (t == DType::Q8_0 || t == DType::Q4_0) return true;
 #endif
+#if defined(LONGLLAMA_GROUP_AVX512)
+  if (is_half(t)) return true;
+#endif
+  return false;
 }
 
 void group_rows(DType t, const uint8_t* src, int64_t rows, int64_t cols, uint8_t* dst) {
   check(t, rows, cols, "group_rows");
   const int64_t nb = cols / kQBlock, groups = rows / kGroupRows;
   const size_t rb = row_bytes(t, cols), gbb = group_block_bytes(t);
-  const bool q8 = t == DType::Q8_0;
+  const bool q8 = t == DType::Q8_0, half = is_half(t);
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
       uint8_t* out = dst + size_t(g * nb + b) * gbb;
       for (int r = 0; r < kGroupRows; ++r) {
         const uint8_t* row = src + size_t(g * kGroupRows + r) * rb;
-        if (q8) {
+        if (half) {
+          std::memcpy(out + 64 * r, row + 64 * b, 64);
+        } else if (q8) {
           const auto& blk = reinterpret_cast<const BlockQ8_0*>(row)[b];
           std::memcpy(out + 2 * r, &blk.d, 2);
           for (int k = 0; k < 8; ++k)
@@ -77,6 +89,17 @@ void dequantize_grouped(DType t, const uint8_t* data, int64_t cols, int64_t row0
   for (int64_t g = 0; g < n / kGroupRows; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* in = data + size_t((row0 / kGroupRows + g) * nb + b) * gbb;
+      if (is_half(t)) {
+        for (int r = 0; r < kGroupRows; ++r) {
+          float* o = out + size_t(g * kGroupRows + r) * size_t(cols) + size_t(b * kQBlock);
+          for (int i = 0; i < kQBlock; ++i) {
+            uint16_t h;
+            std::memcpy(&h, in + 64 * r + 2 * i, 2);
+            o[i] = half_to_f32(t, h);
+          }
+        }
+        continue;
+      }
       for (int r = 0; r < kGroupRows; ++r) {
         uint16_t dh;
         std::memcpy(&dh, in + 2 * r, 2);
@@ -135,11 +158,14 @@ void matvec_grouped(DType t, const uint8_t* data, int64_t rows, int64_t cols, co
   const size_t gbb = group_block_bytes(t);
   const int32_t off = offset(t);
   const bool q8 = t == DType::Q8_0;
+  const int ahead = matvec_prefetch_bytes;
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* p = data + size_t(g * nb) * gbb;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b, p += gbb) {
+      if (ahead > 0)
+        for (size_t o = 0; o < gbb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + o), _MM_HINT_T0);
       const __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
                                          _mm512_set1_ps(x.d[size_t(b)]));
       const int8_t* xq = &x.q[size_t(b * kQBlock)];
@@ -168,6 +194,74 @@ void matvec_grouped(DType t, const uint8_t* data, int64_t rows, int64_t cols, co
     }
     _mm512_storeu_ps(y + g * kGroupRows, acc);
   }
+#endif
+}
+
+void matvec_grouped_scalar(DType t, const uint8_t* data, int64_t rows, int64_t cols, const float* x, float* y) {
+  check(t, rows, cols, "matvec_grouped");
+  if (!is_half(t)) throw Error("matvec_grouped: float activations are for F16/BF16 groups");
+  const int64_t nb = cols / kQBlock;
+  const size_t gbb = group_block_bytes(t);
+  for (int64_t g = 0; g < rows / kGroupRows; ++g)
+    for (int r = 0; r < kGroupRows; ++r) {
+      float total = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* in = data + size_t(g * nb + b) * gbb + 64 * r;
+        for (int i = 0; i < kQBlock; ++i) {
+          uint16_t h;
+          std::memcpy(&h, in + 2 * i, 2);
+          total += half_to_f32(t, h) * x[b * kQBlock + i];
+        }
+      }
+      y[g * kGroupRows + r] = total;
+    }
+}
+
+#if defined(LONGLLAMA_GROUP_AVX512)
+namespace {
+// 16 halves -> 16 floats.
+template <DType T>
+inline __m512 widen16(const uint8_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (T == DType::F16) return _mm512_cvtph_ps(h);
+  else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// One accumulator per row of the group: a group block is one contiguous kilobyte, so each thread
+// reads a single stream (four separate row streams per thread reach only ~2/3 of the bandwidth).
+template <DType T>
+void matvec_half_groups(const uint8_t* data, int64_t rows, int64_t cols, const float* x, float* y) {
+  const int64_t nb = cols / kQBlock, groups = rows / kGroupRows;
+  constexpr size_t gbb = size_t(kGroupRows) * 64;
+  const int ahead = matvec_prefetch_bytes;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = data + size_t(g * nb) * gbb;
+    __m512 acc[kGroupRows];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b, p += gbb) {
+      if (ahead > 0)
+        for (size_t o = 0; o < gbb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + o), _MM_HINT_T0);
+      const __m512 x0 = _mm512_loadu_ps(x + b * kQBlock), x1 = _mm512_loadu_ps(x + b * kQBlock + 16);
+      for (int r = 0; r < kGroupRows; ++r) {
+        acc[r] = _mm512_fmadd_ps(widen16<T>(p + 64 * r), x0, acc[r]);
+        acc[r] = _mm512_fmadd_ps(widen16<T>(p + 64 * r + 32), x1, acc[r]);
+      }
+    }
+    for (int r = 0; r < kGroupRows; ++r) y[g * kGroupRows + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+}  // namespace
+#endif
+
+void matvec_grouped(DType t, const uint8_t* data, int64_t rows, int64_t cols, const float* x, float* y) {
+#if !defined(LONGLLAMA_GROUP_AVX512)
+  matvec_grouped_scalar(t, data, rows, cols, x, y);
+#else
+  check(t, rows, cols, "matvec_grouped");
+  if (t == DType::F16) return matvec_half_groups<DType::F16>(data, rows, cols, x, y);
+  if (t == DType::BF16) return matvec_half_groups<DType::BF16>(data, rows, cols, x, y);
+  throw Error("matvec_grouped: float activations are for F16/BF16 groups");
 #endif
 }
 

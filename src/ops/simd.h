@@ -2,6 +2,7 @@
 // Small Highway helpers shared by the kernels (static dispatch: compiled for the build's -march).
 #include <type_traits>
 
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "util/half.h"
 
@@ -63,15 +64,31 @@ HWY_INLINE float dot1(const T* r0, const float* x, int64_t n) {
   return add_tail(hn::GetLane(hn::SumOfLanes(d, a0)), r0, x, i, n);
 }
 
-// out[r] = rows[r] · x for four rows of n elements: each load of x serves four rows.
+// Asks for the cache lines [p + ahead, p + ahead + bytes) (ahead in bytes; no-op when 0).
+HWY_INLINE void prefetch_lines(const void* p, int ahead, int bytes) {
+  if (ahead <= 0) return;
+  const char* c = static_cast<const char*>(p) + ahead;
+  for (int o = 0; o < bytes; o += 64) hwy::Prefetch(c + o);
+}
+
+// out[r] = rows[r] · x for four rows of n elements: each load of x serves four rows. ahead > 0:
+// software prefetch of each row that many bytes ahead.
 template <typename T>
-HWY_INLINE void dot4(const T* r0, const T* r1, const T* r2, const T* r3, const float* x, int64_t n, float* out) {
+HWY_INLINE void dot4(const T* r0, const T* r1, const T* r2, const T* r3, const float* x, int64_t n, float* out,
+                     int ahead = 0) {
   const DF d;
   const int64_t N = int64_t(hn::Lanes(d));
   auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
   auto b0 = hn::Zero(d), b1 = hn::Zero(d), b2 = hn::Zero(d), b3 = hn::Zero(d);
   int64_t i = 0;
+  const int step_bytes = int(2 * N * int64_t(sizeof(T)));
   for (; i + 2 * N <= n; i += 2 * N) {  // two accumulators per row hide the FMA latency
+    if (ahead > 0) {
+      prefetch_lines(r0 + i, ahead, step_bytes);
+      prefetch_lines(r1 + i, ahead, step_bytes);
+      prefetch_lines(r2 + i, ahead, step_bytes);
+      prefetch_lines(r3 + i, ahead, step_bytes);
+    }
     const auto xv = hn::LoadU(d, x + i), xw = hn::LoadU(d, x + i + N);
     a0 = hn::MulAdd(load_f32(d, r0 + i), xv, a0);
     a1 = hn::MulAdd(load_f32(d, r1 + i), xv, a1);
