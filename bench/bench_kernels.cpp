@@ -106,7 +106,8 @@ void BM_Matmul(benchmark::State& st, DType t) {
   st.counters["FLOP/s"] = benchmark::Counter(2.0 * n * kRows * kCols * double(st.iterations()), benchmark::Counter::kIsRate);
 }
 
-// Decoding over memory: one query of one head against a memory of range(0) tokens (bf16 or q8)
+// Decoding over memory: one query of one head against a memory of range(0) tokens (bf16 or q8) in
+// blocks of range(1) keys
 // through HeadAttention (fused, widens rows in registers; with and without its software prefetch;
 // 64k tokens of one head mostly fit the L3 cache, 256k do not), vs the library path (convert to f32,
 // then sgemv for the scores and for the weighted values).
@@ -130,7 +131,7 @@ void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool 
     } else {
       HeadAttention att(q.data(), 1, D, D);
       for (int64_t b = 0; b < mem.size();) {
-        const KVBlock blk = mem.block(0, b, 256);
+        const KVBlock blk = mem.block(0, b, int(st.range(1)));
         att.add(blk);
         b += blk.n;
       }
@@ -162,11 +163,12 @@ BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Arg(65536)->Arg(262144)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Arg(65536)->Arg(262144)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16, false)->Arg(65536)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Arg(65536)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Arg(65536)->Arg(262144)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8_no_prefetch, false, MemDType::Q8, true, 0)->Arg(65536)->Arg(262144)->UseRealTime();
+// Args: memory tokens, keys per block (the session uses 1024).
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Args({65536, 1024})->Args({262144, 1024})->Args({262144, 256})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16, false)->Args({65536, 1024})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Args({65536, 1024})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8_no_prefetch, false, MemDType::Q8, true, 0)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
 
 BENCHMARK_MAIN();
