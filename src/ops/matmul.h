@@ -19,9 +19,9 @@ struct MatrixRef {
   const uint8_t* row(int64_t r) const;  // not for grouped matrices
 };
 
-// How far ahead (bytes) the decode matvec kernels prefetch the weights they stream; 0 = off
-// (benchmarks compare the two). The hardware prefetcher alone leaves a core short of the
-// machine's streaming bandwidth when the loop does much work per byte (Q4_0).
+// How far ahead (bytes) the decode matvec kernels prefetch the weights they stream; 0 = off, the
+// default: in bench_kernels' BM_MatvecDram/*/{0,1024,2048,8192} it stayed within the noise of
+// the hardware prefetcher alone. Kept so benchmarks can retry it on other machines.
 inline int matvec_prefetch_bytes = 0;
 
 // y[n, rows] = x[n, cols] · Wᵀ
