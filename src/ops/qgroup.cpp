@@ -89,15 +89,9 @@ void dequantize_grouped(DType t, const uint8_t* data, int64_t cols, int64_t row0
   for (int64_t g = 0; g < n / kGroupRows; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* in = data + size_t((row0 / kGroupRows + g) * nb + b) * gbb;
-      if (is_half(t)) {
-        for (int r = 0; r < kGroupRows; ++r) {
-          float* o = out + size_t(g * kGroupRows + r) * size_t(cols) + size_t(b * kQBlock);
-          for (int i = 0; i < kQBlock; ++i) {
-            uint16_t h;
-            std::memcpy(&h, in + 64 * r + 2 * i, 2);
-            o[i] = half_to_f32(t, h);
-          }
-        }
+      if (is_half(t)) {  // each row's 32 elements are a plain F16/BF16 row piece
+        for (int r = 0; r < kGroupRows; ++r)
+          dequantize_row(t, in + 64 * r, kQBlock, out + size_t(g * kGroupRows + r) * size_t(cols) + size_t(b * kQBlock));
         continue;
       }
       for (int r = 0; r < kGroupRows; ++r) {
@@ -228,7 +222,7 @@ inline __m512 widen16(const uint8_t* p) {
 }
 
 // One accumulator per row of the group: a group block is one contiguous kilobyte, so each thread
-// reads a single stream (four separate row streams per thread reach only ~2/3 of the bandwidth).
+// reads a single stream (BM_MatvecDram, 2 threads: 43-45 GB/s vs 36 for four row streams each).
 template <DType T>
 void matvec_half_groups(const uint8_t* data, int64_t rows, int64_t cols, const float* x, float* y) {
   const int64_t nb = cols / kQBlock, groups = rows / kGroupRows;
