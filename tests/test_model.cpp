@@ -237,6 +237,22 @@ TEST(Config, DefaultsAndErrors) {
   expect_error(R"({"hidden_size": 100, "num_attention_heads": 3})", "divisible");
   expect_error(R"({"rope_scaling": {"type": "linear"}})", "rope_scaling");
   expect_error(R"({"hidden_size": "big"})", "hidden_size");
+  // The memory-layer head count (this engine's extension): default, round trip, errors.
+  EXPECT_EQ(c.mem_heads(), 4);
+  EXPECT_EQ(c.to_json().find("mem_num_attention_heads"), std::string::npos);  // official configs stay as they are
+  const ModelConfig m = ModelConfig::from_json_text(
+      R"({"hidden_size": 64, "num_attention_heads": 4, "mem_layers": [1], "mem_positionals": false,
+          "num_hidden_layers": 3, "mem_num_attention_heads": 1})",
+      "m.json");
+  EXPECT_EQ(m.heads_in(0), 4);
+  EXPECT_EQ(m.heads_in(1), 1);
+  EXPECT_EQ(m.head_dim_in(1), 64);
+  EXPECT_EQ(m.head_dim_in(2), 16);
+  EXPECT_EQ(ModelConfig::from_json_text(m.to_json(), "again.json").mem_heads(), 1);
+  expect_error(R"({"hidden_size": 64, "num_attention_heads": 4, "mem_num_attention_heads": 3, "mem_positionals": false})",
+               "mem_num_attention_heads");
+  expect_error(R"({"hidden_size": 64, "num_attention_heads": 4, "mem_num_attention_heads": 2})", "mem_positionals");
+  expect_error(R"({"mem_num_attention_heads": -1})", "mem_num_attention_heads");
 }
 
 // Ingesting without logits skips what cannot matter (layers above the last memory layer, and its

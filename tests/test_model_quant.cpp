@@ -317,6 +317,30 @@ TEST(GGUFRoundTrip, LoadConvertsStoredType) {
   }
 }
 
+// A memory layer with its own head count (mem_num_attention_heads) keeps it through a .gguf
+// (longllama.mem_attention.head_count) and computes the same logits as the directory.
+TEST(GGUFRoundTrip, MemoryLayerHeadCount) {
+  ModelConfig c = quant_config();
+  c.mem_positionals = false;
+  c.mem_num_attention_heads = 1;
+  const TempDir dir("memheads");
+  const fs::path model = dir.path / "model";
+  sharpened_model(c, 6).save(model.string(), true);
+  const std::string file = dir.file("m.gguf");
+  convert_to_gguf(model.string(), file, DType::F32);
+  const Weights w = Weights::load(file, std::nullopt, true);
+  EXPECT_EQ(w.config.mem_heads(), 1);
+  EXPECT_EQ(w.config.to_json(), c.to_json());
+  EXPECT_EQ(run_logits(w), run_logits(Weights::load(model.string(), DType::F32)));
+  ModelConfig four = c;  // the same weights read as four memory heads compute something else
+  four.mem_num_attention_heads = 0;
+  const fs::path other = dir.path / "other";
+  Model m = Model::load(model.string());
+  m.config = four;
+  m.save(other.string(), true);
+  EXPECT_NE(run_logits(Weights::load(other.string(), DType::F32)), run_logits(w));
+}
+
 TEST(GGUFRoundTrip, EmbedsTokenizer) {
   const std::string tok_path = tokenizer_file();
   if (tok_path.empty()) GTEST_SKIP() << "no tokenizer at " << LONGLLAMA_TOKENIZER_DIR "/openllama_v2.model";

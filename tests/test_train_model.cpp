@@ -97,6 +97,9 @@ TEST(TrainModel, GradientsMatchFiniteDifferences) {
   c.tie_word_embeddings = true;
   c.mem_layers = {0};
   check_model_gradients(c, {2, 1, true, true}, 4, 3);
+  c.mem_layers = {1};
+  c.mem_num_attention_heads = 1;  // one wide memory head (head_dim 12) beside heads of 4
+  check_model_gradients(c, {2, 2, true, true}, 4, 4);
 }
 
 namespace {
@@ -155,6 +158,10 @@ TEST(TrainModel, CrossbatchPositivesEqualInferenceWindows) {
   EXPECT_GT(sens, 1e-2);
   c.mem_layers = {0};
   c.max_position_embeddings = 9;
+  EXPECT_LT(consistency_error(c, 3, false, &sens), 1e-4);
+  EXPECT_GT(sens, 1e-2);
+  c.mem_layers = {2};
+  c.mem_num_attention_heads = 2;  // memory layer with 2 heads of 24 beside 4 heads of 12
   EXPECT_LT(consistency_error(c, 3, false, &sens), 1e-4);
   EXPECT_GT(sens, 1e-2);
 }

@@ -33,6 +33,8 @@ bool ModelConfig::is_mem_layer(int layer) const {
   return std::find(mem_layers.begin(), mem_layers.end(), layer) != mem_layers.end();
 }
 
+int ModelConfig::heads_in(int layer) const { return is_mem_layer(layer) ? mem_heads() : num_attention_heads; }
+
 namespace {
 
 template <typename T>
@@ -73,6 +75,7 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
   read_field(j, "mem_layers", c.mem_layers, source);
   read_field(j, "mem_positionals", c.mem_positionals, source);
   read_field(j, "hidden_act", c.hidden_act, source);
+  read_field(j, "mem_num_attention_heads", c.mem_num_attention_heads, source);
   std::string mem_dtype = "bfloat16";
   read_field(j, "mem_dtype", mem_dtype, source);
   c.mem_dtype = parse_mem_dtype(mem_dtype, source);
@@ -109,6 +112,14 @@ void ModelConfig::validate(const std::string& source) const {
     throw Error(source + ": hidden_size " + std::to_string(hidden_size) +
                 " is not divisible by num_attention_heads " + std::to_string(num_attention_heads));
   if (head_dim() % 2 != 0) throw Error(source + ": head_dim must be even for RoPE");
+  if (mem_num_attention_heads < 0)
+    throw Error(source + ": field 'mem_num_attention_heads' must be >= 0, got " + std::to_string(mem_num_attention_heads));
+  if (hidden_size % mem_heads() != 0)
+    throw Error(source + ": hidden_size " + std::to_string(hidden_size) +
+                " is not divisible by mem_num_attention_heads " + std::to_string(mem_heads()));
+  if (mem_heads() != num_attention_heads && mem_positionals)
+    throw Error(source + ": mem_num_attention_heads " + std::to_string(mem_heads()) +
+                " differs from num_attention_heads, which needs mem_positionals false");
   if (last_context_length < 0) throw Error(source + ": field 'last_context_length' must be >= 0");
   if (hidden_act != "silu") throw Error(source + ": hidden_act '" + hidden_act + "' is not supported (only silu)");
   for (int l : mem_layers)
@@ -152,6 +163,7 @@ std::string ModelConfig::to_json() const {
       {"torch_attention", false},
       {"gradient_checkpoint_every_ith", 1},
   };
+  if (mem_heads() != num_attention_heads) j["mem_num_attention_heads"] = mem_num_attention_heads;
   return j.dump(2) + "\n";
 }
 

@@ -29,9 +29,16 @@ struct ModelConfig {
   bool mem_positionals = true;     // false: memory layers use no RoPE at all
   MemDType mem_dtype = MemDType::BF16;
   std::string hidden_act = "silu";
+  // This engine's extension (not in the official config): the memory layers' head count, so a
+  // memory layer can score its keys with fewer, wider heads than the others. 0 = num_attention_heads.
+  // A different count needs mem_positionals false (one RoPE table serves the other layers).
+  int mem_num_attention_heads = 0;
 
-  int head_dim() const { return hidden_size / num_attention_heads; }
+  int head_dim() const { return hidden_size / num_attention_heads; }  // of the layers that are not memory layers
   bool is_mem_layer(int layer) const;
+  int heads_in(int layer) const;  // attention heads of that layer
+  int head_dim_in(int layer) const { return hidden_size / heads_in(layer); }
+  int mem_heads() const { return mem_num_attention_heads > 0 ? mem_num_attention_heads : num_attention_heads; }
 
   // Throws ll::Error naming `source` and the field.
   static ModelConfig from_json_text(const std::string& text, const std::string& source);

@@ -51,6 +51,8 @@ std::map<std::string, GGUFValue> gguf_metadata(const ModelConfig& c, const std::
   m[key("mem_layers")] = GGUFValue::i32_array(std::vector<int32_t>(c.mem_layers.begin(), c.mem_layers.end()));
   m[key("mem_positionals")] = GGUFValue::boolean(c.mem_positionals);
   m[key("mem_dtype")] = GGUFValue::string(mem_dtype_name(c.mem_dtype));
+  if (c.mem_heads() != c.num_attention_heads)
+    m[key("mem_attention.head_count")] = GGUFValue::u32(uint32_t(c.mem_heads()));
   m["tokenizer.ggml.bos_token_id"] = GGUFValue::u32(uint32_t(c.bos_token_id));
   m["tokenizer.ggml.eos_token_id"] = GGUFValue::u32(uint32_t(c.eos_token_id));
   m["tokenizer.ggml.padding_token_id"] = GGUFValue::u32(uint32_t(c.pad_token_id));
@@ -95,6 +97,7 @@ ModelConfig config_from_gguf(const GGUFFile& f) {
   c.mem_layers.assign(ml.ints.begin(), ml.ints.end());
   c.mem_positionals = f.get_bool(key("mem_positionals"));
   c.mem_dtype = parse_mem_dtype(f.get_string(key("mem_dtype")), f.path);
+  if (f.has(key("mem_attention.head_count"))) c.mem_num_attention_heads = int(f.get_int(key("mem_attention.head_count")));
   c.bos_token_id = int(f.get_int("tokenizer.ggml.bos_token_id"));
   c.eos_token_id = int(f.get_int("tokenizer.ggml.eos_token_id"));
   c.pad_token_id = int(f.get_int("tokenizer.ggml.padding_token_id"));

@@ -33,15 +33,15 @@ Session::Session(const Model& model)
 void Session::reset() {
   const ModelConfig& c = w_->config;
   local_.assign(c.num_hidden_layers, {});
-  for (auto& L : local_) {
-    L.k_rot.resize(c.num_attention_heads);
-    L.k_raw.resize(c.num_attention_heads);
-    L.v.resize(c.num_attention_heads);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    local_[l].k_rot.resize(c.heads_in(l));
+    local_[l].k_raw.resize(c.heads_in(l));
+    local_[l].v.resize(c.heads_in(l));
   }
   local_n_ = 0;
   memory_.clear();
   memory_.resize(c.num_hidden_layers);
-  for (int l : c.mem_layers) memory_[l].emplace(c.num_attention_heads, c.head_dim(), c.mem_dtype);
+  for (int l : c.mem_layers) memory_[l].emplace(c.heads_in(l), c.head_dim_in(l), c.mem_dtype);
   tokens_seen_ = 0;
 }
 
@@ -66,10 +66,9 @@ void Session::fill_memory_random(int64_t n, uint64_t seed) {
 
 size_t Session::memory_bytes_for(int64_t tokens) const {
   const ModelConfig& c = w_->config;
-  const size_t row = c.mem_dtype == MemDType::F32 ? 4 * size_t(c.head_dim())
-                   : c.mem_dtype == MemDType::Q8  ? size_t(c.head_dim()) + sizeof(float)
-                                                  : 2 * size_t(c.head_dim());
-  return size_t(tokens) * c.mem_layers.size() * 2 * size_t(c.num_attention_heads) * row;
+  const size_t D = size_t(c.hidden_size / c.mem_heads());
+  const size_t row = c.mem_dtype == MemDType::F32 ? 4 * D : c.mem_dtype == MemDType::Q8 ? D + sizeof(float) : 2 * D;
+  return size_t(tokens) * c.mem_layers.size() * 2 * size_t(c.mem_heads()) * row;
 }
 
 int64_t Session::memory_length(int layer) const { return memory_.at(layer) ? memory_[layer]->size() : 0; }
@@ -164,7 +163,7 @@ void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, 
     if (flush) {
       LocalCache& lc = local_[l];
       if (is_mem && use_cache) {  // the whole old cache moves to memory before attention
-        const int D = c.head_dim(), H = c.num_attention_heads;
+        const int D = c.head_dim_in(l), H = c.heads_in(l);
         std::vector<float> kr(size_t(local_n_) * d), vr(size_t(local_n_) * d);
         for (int h = 0; h < H; ++h)
           for (int t = 0; t < local_n_; ++t) {
@@ -210,7 +209,7 @@ void Session::run_chunk(const int* ids, int q, bool use_cache, bool all_logits, 
 void Session::attention(int layer, const float* Q, const float* K, const float* V, int q, int n_keep, bool use_cache,
                         float* out) {
   const ModelConfig& c = w_->config;
-  const int H = c.num_attention_heads, D = c.head_dim(), d = c.hidden_size;
+  const int H = c.heads_in(layer), D = c.head_dim_in(layer), d = c.hidden_size;
   const bool is_mem = c.is_mem_layer(layer);
   const bool use_rope = !is_mem || c.mem_positionals;
   LocalCache& lc = local_[layer];

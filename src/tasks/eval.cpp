@@ -188,7 +188,7 @@ SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k,
       if (rank_layer >= 0 && layer != rank_layer) return;
       rank_layer = layer;
       if (layer_queries.size() <= size_t(h)) layer_queries.resize(size_t(h) + 1);
-      layer_queries[size_t(h)].assign(q, q + size_t(count) * size_t(w.config.head_dim()));
+      layer_queries[size_t(h)].assign(q, q + size_t(count) * size_t(w.config.head_dim_in(layer)));
     });
   try {
     logits = s.forward(e.queries, /*use_cache=*/false, LogitsWanted::All);

@@ -21,7 +21,7 @@ CrossBatch Network<T>::layer_cb(int layer) const {
 template <typename T>
 const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBatch& cb) {
   const ModelConfig& c = config_;
-  const int S = S_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads, D = c.head_dim(),
+  const int S = S_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads,
             V = c.vocab_size;
   const T eps = T(c.rms_norm_eps);
   B_ = B;
@@ -54,8 +54,9 @@ const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBa
       a.Kr.clear();
     }
     const T* kown = rope_in(l) ? a.Kr.data() : a.K.data();
-    a.lse.resize(size_t(B) * H * S);
-    attention_fwd(lcb, B, S, H, D, a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data());
+    const int Hl = c.heads_in(l), Dl = c.head_dim_in(l);  // RoPE layers have H heads (config.cpp)
+    a.lse.resize(size_t(B) * Hl * S);
+    attention_fwd(lcb, B, S, Hl, Dl, a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data());
     linear_fwd(a.att.data(), N, d, p + o.wo, d, tmp.data());
     for (size_t i = 0; i < x.size(); ++i) a.x_mid[i] = x[i] + tmp[i];
     rmsnorm_fwd(a.x_mid.data(), p + o.ffn_norm, N, d, eps, a.xn2.data(), a.rstd2.data());
@@ -83,7 +84,7 @@ template <typename T>
 CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask, T loss_scale, T* g) {
   const ModelConfig& c = config_;
   const int S = S_, B = B_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads,
-            D = c.head_dim(), V = c.vocab_size;
+            V = c.vocab_size;
   // dlogits overwrite the logits
   const CEStats st = cross_entropy<T>(logits_.data(), N, V, targets, mask, S, loss_scale, logits_.data());
   std::vector<T>&dx = dx_, &dxn = dxn_;
@@ -111,7 +112,7 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
     linear_bwd(a.att.data(), N, d, p + o.wo, d, dx.data(), datt.data(), false, g + o.wo);
     const bool rope = rope_in(l);
     const T* kown = rope ? a.Kr.data() : a.K.data();
-    attention_bwd(layer_cb(l), B, S, H, D, a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data(),
+    attention_bwd(layer_cb(l), B, S, c.heads_in(l), c.head_dim_in(l), a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data(),
                   datt.data(), dQ.data(), dKown.data(), dKx.data(), dV.data());
     if (rope) {
       rope_bwd(dQ.data(), N, d, H, rope_, S);

@@ -94,6 +94,7 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
     const Model init = Model::load(cfg_.init);
     check_same_shape(init.config, cfg_.model, cfg_.source);
     params_ = flatten(init, L);
+    regroup_memory_heads(init.config);
     if (cfg_.tokenizer.empty() && !init.tokenizer_path.empty()) cfg_.tokenizer = init.tokenizer_path;
   } else {
     params_ = flatten(Model::random(cfg_.model, cfg_.seed), L);
@@ -184,6 +185,23 @@ void Trainer::restore(const std::string& dir) {
   for (double a : st.at("recent_accuracy")) recent_accuracy_.push_back(a);
   stream_->restore(st.at("data"));
   log("resumed from " + dir + " at step " + std::to_string(step_));
+}
+
+// Fine-tuning with another memory-layer head count (mem_num_attention_heads): the weights keep
+// their shapes, the heads are regrouped. The query projection is scaled by sqrt(D_new / D_old) so
+// a merged head's logit is the sum of the old heads' logits (each scaled by 1/sqrt(D_old) as
+// before) instead of half of it; the model starts as sharp as it was.
+void Trainer::regroup_memory_heads(const ModelConfig& init) {
+  const ModelConfig& c = cfg_.model;
+  if (init.mem_heads() == c.mem_heads() || c.mem_layers.empty()) return;
+  const int d = c.hidden_size;
+  const float scale = std::sqrt(float(d / c.mem_heads()) / float(d / init.mem_heads()));
+  for (int l : c.mem_layers) {
+    float* wq = params_.data() + net_.layout().layers[size_t(l)].wq;
+    for (size_t i = 0; i < size_t(d) * d; ++i) wq[i] *= scale;
+  }
+  log("memory layers regrouped from " + std::to_string(init.mem_heads()) + " to " + std::to_string(c.mem_heads()) +
+      " heads; their query projections scaled by " + std::to_string(scale));
 }
 
 void Trainer::log(const std::string& line) const {
