@@ -11,6 +11,7 @@
 
 #include "model/session.h"
 #include "train/checkpoint.h"
+#include "train/params.h"
 #include "train/trainer.h"
 #include "util/error.h"
 
@@ -280,6 +281,55 @@ TEST(TrainLoop, FineTuneFromInitWithOverrides) {
     ADD_FAILURE() << "a shape change must be refused";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("model.hidden_size"), std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
+}
+
+// Fine-tuning into fewer memory heads scales the memory layer's query projection by
+// sqrt(D_new / D_old) (a merged head's logit = the sum of the old heads' logits), times
+// mem_query_scale; every other parameter starts as it was.
+TEST(TrainLoop, RegroupedMemoryHeadsAndQueryScale) {
+  const fs::path dir = temp_dir("regroup");
+  ModelConfig c;
+  c.vocab_size = 32;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;  // head_dim 8 -> one memory head of 32: x2
+  c.max_position_embeddings = 16;
+  c.mem_layers = {1};
+  c.mem_positionals = false;
+  c.last_context_length = 0;
+  const Model base = Model::random(c, 11);
+  base.save((dir / "base").string(), false);
+  json j = copy_run(dir / "out", 2);
+  j.erase("model");
+  j["init"] = (dir / "base").string();
+  j["model"] = {{"mem_num_attention_heads", 1}};
+  j["mem_query_scale"] = 1.5;
+  const Trainer t(config_of(j), Trainer::Start::Fresh);
+  const ParamLayout L(c);
+  const std::vector<float> before = flatten(base, L);
+  const std::vector<float>& after = t.params();
+  ASSERT_EQ(before.size(), after.size());
+  const size_t wq = L.layers[1].wq, n = size_t(c.hidden_size) * c.hidden_size;
+  size_t changed = 0;
+  for (size_t i = 0; i < before.size(); ++i) {
+    if (i >= wq && i < wq + n) {
+      EXPECT_FLOAT_EQ(after[i], float(double(before[i]) * 3.0)) << i;
+      changed += before[i] != 0.0f;
+    } else {
+      ASSERT_EQ(after[i], before[i]) << "parameter " << i;
+    }
+  }
+  EXPECT_GT(changed, n / 2);
+  j["mem_query_scale"] = 0;
+  j["output"] = (dir / "out2").string();
+  try {
+    config_of(j);
+    ADD_FAILURE() << "mem_query_scale 0 must be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mem_query_scale"), std::string::npos) << e.what();
   }
   fs::remove_all(dir);
 }

@@ -1,5 +1,7 @@
 #include "train/train_config.h"
 
+#include <cmath>
+
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -81,7 +83,7 @@ json read_json(const std::string& path, const std::string& what) {
 
 std::vector<std::string> resume_sensitive_fields() {
   return {"model",     "init",        "data",      "seq_len", "batch_size", "micro_batch_size",
-          "pack_size", "cross_batch", "optimizer", "seed"};
+          "pack_size", "cross_batch", "optimizer", "seed", "mem_query_scale"};
 }
 
 TrainConfig TrainConfig::from_file(const std::string& path) {
@@ -251,6 +253,9 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
   f.get("seed", c.seed);
   f.get("threads", c.threads, 0);
   f.get("log_interval", c.log_interval, int64_t(0));
+  f.get("mem_query_scale", c.mem_query_scale, 1.0);
+  if (!(c.mem_query_scale > 0) || !std::isfinite(c.mem_query_scale))
+    throw Error(f.name("mem_query_scale") + ": must be a positive number");
   f.done();
   return c;
 }

@@ -64,6 +64,9 @@ struct TrainConfig {
   uint64_t seed = 0;
   int threads = 0;           // 0 = OpenMP default
   int64_t log_interval = 1;  // 0 = no per-step lines
+  // Multiplies the memory layers' query projections once, before the first step: a softmax
+  // temperature for memory attention (chosen on held-out seeds; see models/dict-recipe).
+  double mem_query_scale = 1.0;
 
   static TrainConfig from_file(const std::string& path);
   // Relative paths are resolved against base_dir (the directory of the TRAIN.json file).

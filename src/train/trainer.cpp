@@ -94,10 +94,11 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
     const Model init = Model::load(cfg_.init);
     check_same_shape(init.config, cfg_.model, cfg_.source);
     params_ = flatten(init, L);
-    regroup_memory_heads(init.config);
+    scale_memory_queries(&init.config);
     if (cfg_.tokenizer.empty() && !init.tokenizer_path.empty()) cfg_.tokenizer = init.tokenizer_path;
   } else {
     params_ = flatten(Model::random(cfg_.model, cfg_.seed), L);
+    scale_memory_queries(nullptr);
   }
   build_data();
 
@@ -187,21 +188,27 @@ void Trainer::restore(const std::string& dir) {
   log("resumed from " + dir + " at step " + std::to_string(step_));
 }
 
-// Fine-tuning with another memory-layer head count (mem_num_attention_heads): the weights keep
-// their shapes, the heads are regrouped. The query projection is scaled by sqrt(D_new / D_old) so
-// a merged head's logit is the sum of the old heads' logits (each scaled by 1/sqrt(D_old) as
-// before) instead of half of it; the model starts as sharp as it was.
-void Trainer::regroup_memory_heads(const ModelConfig& init) {
+// The memory layers' query projections are scaled once before the first step:
+// - by sqrt(D_new / D_old) when fine-tuning with another memory-layer head count
+//   (mem_num_attention_heads): the weights keep their shapes and the heads are regrouped, and a
+//   merged head's logit is then the sum of the old heads' logits, not half of it;
+// - by the config's mem_query_scale (a memory-attention temperature).
+void Trainer::scale_memory_queries(const ModelConfig* init) {
   const ModelConfig& c = cfg_.model;
-  if (init.mem_heads() == c.mem_heads() || c.mem_layers.empty()) return;
+  if (c.mem_layers.empty()) return;
   const int d = c.hidden_size;
-  const float scale = std::sqrt(float(d / c.mem_heads()) / float(d / init.mem_heads()));
+  double scale = cfg_.mem_query_scale;
+  if (init && init->mem_heads() != c.mem_heads()) {
+    scale *= std::sqrt(double(d / c.mem_heads()) / double(d / init->mem_heads()));
+    log("memory layers regrouped from " + std::to_string(init->mem_heads()) + " to " + std::to_string(c.mem_heads()) +
+        " heads");
+  }
+  if (scale == 1.0) return;
   for (int l : c.mem_layers) {
     float* wq = params_.data() + net_.layout().layers[size_t(l)].wq;
-    for (size_t i = 0; i < size_t(d) * d; ++i) wq[i] *= scale;
+    for (size_t i = 0; i < size_t(d) * d; ++i) wq[i] = float(double(wq[i]) * scale);
   }
-  log("memory layers regrouped from " + std::to_string(init.mem_heads()) + " to " + std::to_string(c.mem_heads()) +
-      " heads; their query projections scaled by " + std::to_string(scale));
+  log("memory layers' query projections scaled by " + std::to_string(scale));
 }
 
 void Trainer::log(const std::string& line) const {

@@ -70,7 +70,7 @@ class Trainer {
  private:
   void build_data();
   void describe() const;
-  void regroup_memory_heads(const ModelConfig& init);
+  void scale_memory_queries(const ModelConfig* init);
   void restore(const std::string& checkpoint_dir);
   void advance_schedule(double accuracy);
   void log(const std::string& line) const;
