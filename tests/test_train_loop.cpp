@@ -323,6 +323,14 @@ TEST(TrainLoop, RegroupedMemoryHeadsAndQueryScale) {
     }
   }
   EXPECT_GT(changed, n / 2);
+  j["mem_query_scale"] = 0.5;  // a softer temperature is allowed too
+  EXPECT_EQ(config_of(j).mem_query_scale, 0.5);
+  j["steps"] = 0;  // no step: the model is saved as the init made it
+  Trainer t0(config_of(j), Trainer::Start::Fresh);
+  t0.run();
+  const std::vector<float> saved = flatten(Model::load((dir / "out" / "model").string()), L);
+  EXPECT_EQ(saved[wq + 1], float(double(before[wq + 1]) * 1.0));  // sqrt(32/8) * 0.5
+  EXPECT_EQ(saved[0], before[0]);
   j["mem_query_scale"] = 0;
   j["output"] = (dir / "out2").string();
   try {

@@ -224,7 +224,7 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     o.get("clip", oc.clip, 0.0);
     o.done();
   }
-  f.get("steps", c.steps, int64_t(1));
+  f.get("steps", c.steps, int64_t(0));  // 0: save the init (regrouped, scaled) as it is
 
   if (f.has("eval")) {
     Fields e(f.at("eval"), f.name("eval"));
@@ -253,7 +253,7 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
   f.get("seed", c.seed);
   f.get("threads", c.threads, 0);
   f.get("log_interval", c.log_interval, int64_t(0));
-  f.get("mem_query_scale", c.mem_query_scale, 1.0);
+  f.get("mem_query_scale", c.mem_query_scale);
   if (!(c.mem_query_scale > 0) || !std::isfinite(c.mem_query_scale))
     throw Error(f.name("mem_query_scale") + ": must be a positive number");
   f.done();

@@ -365,7 +365,7 @@ void Trainer::run(int64_t stop_after) {
       log("checkpoint: " + save_checkpoint());
     if (stopping && step_ < cfg_.steps) return;
   }
-  do_eval();
+  if (step_ > first) do_eval();
   const std::string out = (fs::path(cfg_.output) / "model").string();
   save_model_dir(out, model(), cfg_.save_bf16, tokenizer_bytes_);
   log("model: " + out);
