@@ -570,12 +570,13 @@ TEST(ShippedModels, DictionaryLookupNeedsTheMemory) {
 }
 
 // The paper's claim on the shipped models: trained with crossbatch negatives, the lookup survives a
-// larger memory than trained without (d = 1). 64 windows (16k tokens), seeds 1-3; the sweep in
-// docs/dictionary.csv measured 0.946 vs 0.830 over seeds 1-5.
+// larger memory than trained without (d = 1). 256 windows (64k tokens), seeds 1-3; the sweep in
+// docs/dictionary.csv measured 0.930 vs 0.824 over seeds 1-5.
 TEST(ShippedModels, NegativesMakeTheLargerMemoryUsable) {
-  const double fot = pooled_accuracy(shipped_dictionary_runs("dict-fot", 16384));
-  const double d1 = pooled_accuracy(shipped_dictionary_runs("dict-d1", 16384));
-  EXPECT_GT(fot, 0.9);
+  const double fot = pooled_accuracy(shipped_dictionary_runs("dict-fot", 65536));
+  const double d1 = pooled_accuracy(shipped_dictionary_runs("dict-d1", 65536));
+  std::printf("64k tokens, seeds 1-3: dict-fot %.3f, dict-d1 %.3f\n", fot, d1);
+  EXPECT_GT(fot, 0.88);
   EXPECT_GT(fot, d1 + 0.05);
 }
 
@@ -589,7 +590,7 @@ TEST(ShippedModels, DictionaryRanksFindTheLookup) {
   const auto& k = r.ranks;
   ASSERT_EQ(k.queries.size(), 4u);
   for (size_t p = 0; p < 4; ++p) {
-    ASSERT_EQ(k.queries[p].size(), size_t(w.config.num_attention_heads));
+    ASSERT_EQ(k.queries[p].size(), size_t(w.config.mem_heads()));  // one wide memory head
     int64_t missed = 0, other = 0;
     double best = 0;
     for (size_t h = 0; h < k.queries[p].size(); ++h) {
