@@ -255,15 +255,21 @@ TEST(TrainLoop, Cli) {
   fs::remove_all(dir);
 }
 
-TEST(TrainLoop, FineTuneFromInitWithOverrides) {
-  const fs::path dir = temp_dir("init");
+// The shape of copy_run's model, as a ModelConfig for an init directory.
+ModelConfig copy_run_shape(int heads) {
   ModelConfig c;
   c.vocab_size = 32;
   c.hidden_size = 32;
   c.intermediate_size = 64;
   c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
+  c.num_attention_heads = heads;
   c.max_position_embeddings = 16;
+  return c;
+}
+
+TEST(TrainLoop, FineTuneFromInitWithOverrides) {
+  const fs::path dir = temp_dir("init");
+  const ModelConfig c = copy_run_shape(2);
   Model::random(c, 9).save((dir / "base").string(), true);  // a plain LLaMA, bf16
   json j = copy_run(dir / "out", 2);
   j.erase("model");
@@ -290,13 +296,7 @@ TEST(TrainLoop, FineTuneFromInitWithOverrides) {
 // mem_query_scale; every other parameter starts as it was.
 TEST(TrainLoop, RegroupedMemoryHeadsAndQueryScale) {
   const fs::path dir = temp_dir("regroup");
-  ModelConfig c;
-  c.vocab_size = 32;
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;  // head_dim 8 -> one memory head of 32: x2
-  c.max_position_embeddings = 16;
+  ModelConfig c = copy_run_shape(4);  // head_dim 8 -> one memory head of 32: x2
   c.mem_layers = {1};
   c.mem_positionals = false;
   c.last_context_length = 0;

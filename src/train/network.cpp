@@ -112,8 +112,8 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
     linear_bwd(a.att.data(), N, d, p + o.wo, d, dx.data(), datt.data(), false, g + o.wo);
     const bool rope = rope_in(l);
     const T* kown = rope ? a.Kr.data() : a.K.data();
-    attention_bwd(layer_cb(l), B, S, c.heads_in(l), c.head_dim_in(l), a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data(),
-                  datt.data(), dQ.data(), dKown.data(), dKx.data(), dV.data());
+    attention_bwd(layer_cb(l), B, S, c.heads_in(l), c.head_dim_in(l), a.Q.data(), kown, a.K.data(), a.V.data(),
+                  a.lse.data(), a.att.data(), datt.data(), dQ.data(), dKown.data(), dKx.data(), dV.data());
     if (rope) {
       rope_bwd(dQ.data(), N, d, H, rope_, S);
       rope_bwd(dKown.data(), N, d, H, rope_, S);

@@ -1,7 +1,6 @@
 #include "train/train_config.h"
 
 #include <cmath>
-
 #include <filesystem>
 #include <fstream>
 #include <set>
