@@ -1,6 +1,7 @@
 // Backward passes of every training op against central finite differences, in float64 with odd
 // sizes, including crossbatch attention with negatives and stepping.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <functional>
@@ -280,4 +281,35 @@ TEST(CrossBatch, AttentionGradients) {
   check_attention({3, 4, false, true}, 6, 5, 3, 2, 13);  // no stepping, range beyond the pack
   check_attention({3, 5, true, false}, 6, 5, 1, 6, 14);  // positives only
   check_attention({1, 2, true, true}, 4, 3, 2, 4, 15);   // k = 1: negatives only
+}
+
+// Fewer heads than threads: the backward pass runs each head as a team of threads (the merged
+// memory head of the dictionary models); its gradients must be the serial ones, bit for bit.
+// S is odd so the team's two halves of dQ differ in size.
+TEST(CrossBatch, BackwardTeamMatchesSerialBits) {
+  const int B = 4, S = 33, H = 1, D = 64;
+  const CrossBatch cb{2, 3, true, true};
+  std::mt19937_64 rng(21);
+  const size_t n = size_t(B) * S * H * D;
+  std::vector<float> in[5];
+  for (auto& v : in) {
+    const Vec r = randn(n, rng);
+    v.assign(r.begin(), r.end());
+  }
+  const auto& [Q, Kown, Kx, V, dO] = in;
+  std::vector<float> lse(size_t(B) * H * S), O(n);
+  attention_fwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data());
+  std::vector<float> grads[2][4];
+  const int saved = omp_get_max_threads();
+  for (int t = 0; t < 2; ++t) {
+    omp_set_num_threads(t + 1);
+    for (auto& g : grads[t]) g.assign(n, -1.0f);
+    attention_bwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data(), dO.data(),
+                  grads[t][0].data(), grads[t][1].data(), grads[t][2].data(), grads[t][3].data());
+  }
+  omp_set_num_threads(saved);
+  for (int g = 0; g < 4; ++g) EXPECT_TRUE(grads[0][g] == grads[1][g]) << "gradient " << g;
+  double norm = 0;
+  for (float x : grads[1][0]) norm += double(x) * x;
+  EXPECT_GT(norm, 0.0);
 }

@@ -180,23 +180,29 @@ TEST(TrainLoop, ResumeIsBitIdentical) {
 }
 
 TEST(TrainLoop, ThreadCountDoesNotChangeResults) {
-  // Large enough that every parallel path (ops, attention tasks, BLAS) is taken.
-  std::vector<std::vector<float>> params;
-  for (int threads : {1, 2}) {
-    const fs::path dir = temp_dir("threads" + std::to_string(threads));
-    json j = copy_run(dir, 3);
-    j["model"]["hidden_size"] = 128;
-    j["model"]["intermediate_size"] = 256;
-    j["model"]["num_attention_heads"] = 4;
-    j["model"]["max_position_embeddings"] = 64;
-    j["data"]["sources"][0]["options"]["length"] = 128;
-    j["threads"] = threads;
-    Trainer t(config_of(j), Trainer::Start::Fresh);
-    for (int i = 0; i < 3; ++i) t.step();
-    params.push_back(t.params());
-    fs::remove_all(dir);
+  // Large enough that every parallel path (ops, attention tasks, BLAS) is taken. With one memory
+  // head (fewer heads than threads) the memory layer's backward runs as a team of threads.
+  for (int mem_heads : {4, 1}) {
+    std::vector<std::vector<float>> params;
+    for (int threads : {1, 2}) {
+      const fs::path dir = temp_dir("threads" + std::to_string(threads));
+      json j = copy_run(dir, 3);
+      j["model"]["hidden_size"] = 128;
+      j["model"]["intermediate_size"] = 256;
+      j["model"]["num_attention_heads"] = 4;
+      j["model"]["mem_num_attention_heads"] = mem_heads;
+      j["model"]["mem_positionals"] = false;
+      j["model"]["max_position_embeddings"] = 64;
+      j["data"]["sources"][0]["options"]["length"] = 128;
+      j["cross_batch"]["schedule"] = json::array({{{"range", 1}}});
+      j["threads"] = threads;
+      Trainer t(config_of(j), Trainer::Start::Fresh);
+      for (int i = 0; i < 3; ++i) t.step();
+      params.push_back(t.params());
+      fs::remove_all(dir);
+    }
+    EXPECT_TRUE(params[0] == params[1]) << "memory heads " << mem_heads;
   }
-  EXPECT_TRUE(params[0] == params[1]);
 }
 
 TEST(TrainLoop, SavedModelMatchesTrainingForwardThroughSession) {

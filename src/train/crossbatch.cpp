@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <omp.h>
 #include <vector>
 
 #include "train/backward_ops.h"
@@ -64,55 +65,102 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
   }
 }
 
+namespace {
+
+// The backward pass of one head, run by a team of `nt` threads (thread `tid`) that share P, dS
+// and delta ([S x S], [S x S], [S]); a team of one is the plain serial loop. Every gemm is the
+// same call whatever the team size (dQ always in two row halves), and each output block is
+// written by one thread in the serial order, so the bits do not depend on the team size.
+// Teams exist because since the memory layer has one head (stage M of the dictionary recipe),
+// a loop over heads left the second core idle for ~80% of a crossbatch step.
 template <typename T>
-void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
-                   const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV) {
+void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* Q, const T* Kown, const T* Kx,
+              const T* V, const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV, T* P, T* dS,
+              T* delta, int tid, int nt) {
   const int ld = H * D;
   const T scale = T(1) / std::sqrt(T(D));
   auto at = [&](auto* base, int e, int h) { return base + int64_t(e) * S * ld + h * D; };
-#pragma omp parallel for schedule(dynamic, 1) if (worth_threads(B, S, H, D))
-  for (int h = 0; h < H; ++h) {
-    for (T* g : {dQ, dKown, dKx, dV})
-      for (int64_t i = 0; i < int64_t(B) * S; ++i) std::fill(g + i * ld + h * D, g + i * ld + h * D + D, T(0));
-    thread_local std::vector<T> P, dS, delta;
-    P.resize(size_t(S) * S);
-    dS.resize(size_t(S) * S);
-    delta.resize(S);
-    for (int b = 0; b < B; ++b) {
-      const T* q = at(Q, b, h);
-      const T* go = at(dO, b, h);
-      const T* row_lse = lse + (int64_t(b) * H + h) * S;
-      for (int i = 0; i < S; ++i) {  // Σ_j P_ij dP_ij = dO_i · O_i
-        const T* o = at(O, b, h) + int64_t(i) * ld;
-        T s = 0;
-        for (int j = 0; j < D; ++j) s += go[int64_t(i) * ld + j] * o[j];
-        delta[i] = s;
-      }
-      const int c = cb.contexts(b);
-      for (int e = b - c + 1; e <= b; ++e) {  // the key entries b sees; e == b: own causal keys
-        const bool own = e == b;
-        const T* k = own ? at(Kown, b, h) : at(Kx, e, h);
-        gemm_serial<T>(false, true, S, S, D, scale, q, ld, k, ld, T(0), P.data(), S);             // scores
-        gemm_serial<T>(false, true, S, S, D, T(1), go, ld, at(V, e, h), ld, T(0), dS.data(), S);  // dP
-        for (int i = 0; i < S; ++i) {
-          T* p = P.data() + int64_t(i) * S;
-          T* ds = dS.data() + int64_t(i) * S;
-          const int n = own ? i + 1 : S;
-          const T l = row_lse[i], dl = delta[i];
+  auto barrier = [nt] {
+    if (nt > 1) {
+#pragma omp barrier
+    }
+  };
+  auto mine = [tid, nt](int64_t i) { return i % nt == tid; };
+  const int64_t rows = int64_t(B) * S;
+  for (T* g : {dQ, dKown, dKx, dV})
+    for (int64_t i = rows * tid / nt; i < rows * (tid + 1) / nt; ++i)
+      std::fill(g + i * ld + h * D, g + i * ld + h * D + D, T(0));
+  const int half = S / 2;
+  for (int b = 0; b < B; ++b) {
+    const T* q = at(Q, b, h);
+    const T* go = at(dO, b, h);
+    const T* row_lse = lse + (int64_t(b) * H + h) * S;
+    barrier();  // the previous entry's last block is done with P, dS and delta
+    for (int i = S * tid / nt; i < S * (tid + 1) / nt; ++i) {  // Σ_j P_ij dP_ij = dO_i · O_i
+      const T* o = at(O, b, h) + int64_t(i) * ld;
+      T s = 0;
+      for (int j = 0; j < D; ++j) s += go[int64_t(i) * ld + j] * o[j];
+      delta[i] = s;
+    }
+    const int c = cb.contexts(b);
+    for (int e = b - c + 1; e <= b; ++e) {  // the key entries b sees; e == b: own causal keys
+      const bool own = e == b;
+      const T* k = own ? at(Kown, b, h) : at(Kx, e, h);
+      if (e > b - c + 1) barrier();  // the previous block's gradients have read P and dS
+      if (mine(0)) gemm_serial<T>(false, true, S, S, D, scale, q, ld, k, ld, T(0), P, S);             // scores
+      if (mine(1)) gemm_serial<T>(false, true, S, S, D, T(1), go, ld, at(V, e, h), ld, T(0), dS, S);  // dP
+      barrier();
+      for (int i = S * tid / nt; i < S * (tid + 1) / nt; ++i) {
+        T* p = P + int64_t(i) * S;
+        T* ds = dS + int64_t(i) * S;
+        const int n = own ? i + 1 : S;
+        const T l = row_lse[i], dl = delta[i];
 #pragma omp simd
-          for (int j = 0; j < n; ++j) {
-            p[j] = fast_exp(p[j] - l);
-            ds[j] = p[j] * (ds[j] - dl) * scale;
-          }
-          std::fill(p + n, p + S, T(0));  // masked: probability and gradient 0
-          std::fill(ds + n, ds + S, T(0));
+        for (int j = 0; j < n; ++j) {
+          p[j] = fast_exp(p[j] - l);
+          ds[j] = p[j] * (ds[j] - dl) * scale;
         }
-        gemm_serial<T>(false, false, S, D, S, T(1), dS.data(), S, k, ld, T(1), at(dQ, b, h), ld);
-        gemm_serial<T>(true, false, S, D, S, T(1), P.data(), S, go, ld, T(1), at(dV, e, h), ld);
-        gemm_serial<T>(true, false, S, D, S, T(1), dS.data(), S, q, ld, T(1), own ? at(dKown, b, h) : at(dKx, e, h),
-                       ld);
+        std::fill(p + n, p + S, T(0));  // masked: probability and gradient 0
+        std::fill(ds + n, ds + S, T(0));
+      }
+      barrier();
+      if (mine(0)) {
+        gemm_serial<T>(false, false, half, D, S, T(1), dS, S, k, ld, T(1), at(dQ, b, h), ld);
+        gemm_serial<T>(true, false, S, D, S, T(1), P, S, go, ld, T(1), at(dV, e, h), ld);
+      }
+      if (mine(1)) {
+        gemm_serial<T>(false, false, S - half, D, S, T(1), dS + int64_t(half) * S, S, k, ld, T(1),
+                       at(dQ, b, h) + int64_t(half) * ld, ld);
+        gemm_serial<T>(true, false, S, D, S, T(1), dS, S, q, ld, T(1), own ? at(dKown, b, h) : at(dKx, e, h), ld);
       }
     }
+  }
+  barrier();
+}
+
+}  // namespace
+
+template <typename T>
+void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
+                   const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV) {
+  const bool threads = worth_threads(B, S, H, D) && omp_get_max_threads() > 1 && !omp_in_parallel();
+  if (!threads || H >= omp_get_max_threads()) {  // a head per thread
+#pragma omp parallel for schedule(dynamic, 1) if (threads)
+    for (int h = 0; h < H; ++h) {
+      thread_local std::vector<T> P, dS, delta;
+      P.resize(size_t(S) * S);
+      dS.resize(size_t(S) * S);
+      delta.resize(S);
+      head_bwd(cb, B, S, H, D, h, Q, Kown, Kx, V, lse, O, dO, dQ, dKown, dKx, dV, P.data(), dS.data(), delta.data(), 0,
+               1);
+    }
+    return;
+  }
+  std::vector<T> P(size_t(S) * S), dS(size_t(S) * S), delta(S);  // fewer heads than threads: a team per head
+  for (int h = 0; h < H; ++h) {
+#pragma omp parallel
+    head_bwd(cb, B, S, H, D, h, Q, Kown, Kx, V, lse, O, dO, dQ, dKown, dKx, dV, P.data(), dS.data(), delta.data(),
+             omp_get_thread_num(), omp_get_num_threads());
   }
 }
 
