@@ -25,6 +25,24 @@ namespace {
 
 bool worth_threads(int B, int S, int H, int D) { return int64_t(B) * H * S * S * D > (1 << 16); }
 
+// Rows of a causal block computed together: each tile of rows skips the keys after its last row.
+constexpr int kCausalTile = 64;
+
+// row[0, n) <- softmax(row[0, n)); returns the log-sum-exp.
+template <typename T>
+T softmax_row(T* row, int n) {
+  T mx = row[0];
+#pragma omp simd reduction(max : mx)
+  for (int j = 1; j < n; ++j) mx = std::max(mx, row[j]);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < n; ++j) sum += (row[j] = fast_exp(row[j] - mx));
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int j = 0; j < n; ++j) row[j] *= inv;
+  return mx + std::log(sum);
+}
+
 }  // namespace
 
 template <typename T>
@@ -40,28 +58,34 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
     thread_local std::vector<T> scores;  // [S x W]: keys of entries b-c+1 .. b in that order
     scores.resize(size_t(S) * W);
     T* p = scores.data();
+    T* row_lse = lse + (int64_t(b) * H + h) * S;
+    T* out = O + int64_t(b) * S * ld + h * D;
+    if (c == 1) {  // own keys only: rows [r0, r1) see keys [0, r1), the masked rest is not computed
+      const T* k = Kown + int64_t(b) * S * ld + h * D;
+      for (int r0 = 0; r0 < S; r0 += kCausalTile) {
+        const int r1 = std::min(S, r0 + kCausalTile);
+        gemm_serial<T>(false, true, r1 - r0, r1, D, scale, q + int64_t(r0) * ld, ld, k, ld, T(0), p + int64_t(r0) * W, W);
+        for (int i = r0; i < r1; ++i) {
+          T* row = p + int64_t(i) * W;
+          row_lse[i] = softmax_row(row, i + 1);
+          std::fill(row + i + 1, row + r1, T(0));
+        }
+        gemm_serial<T>(false, false, r1 - r0, D, r1, T(1), p + int64_t(r0) * W, W, V + first * ld + h * D, ld, T(0),
+                       out + int64_t(r0) * ld, ld);
+      }
+      continue;
+    }
     if (c > 1)  // earlier entries' keys, un-rotated, all visible
       gemm_serial<T>(false, true, S, (c - 1) * S, D, scale, q, ld, Kx + first * ld + h * D, ld, T(0), p, W);
     gemm_serial<T>(false, true, S, S, D, scale, q, ld, Kown + int64_t(b) * S * ld + h * D, ld, T(0), p + (c - 1) * S,
                    W);
-    T* row_lse = lse + (int64_t(b) * H + h) * S;
     for (int i = 0; i < S; ++i) {  // one softmax over (c-1)·S cross keys + own keys 0..i
       T* row = p + int64_t(i) * W;
       const int n = (c - 1) * S + i + 1;
-      T mx = row[0];
-#pragma omp simd reduction(max : mx)
-      for (int j = 1; j < n; ++j) mx = std::max(mx, row[j]);
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < n; ++j) sum += (row[j] = fast_exp(row[j] - mx));
-      const T inv = T(1) / sum;
-#pragma omp simd
-      for (int j = 0; j < n; ++j) row[j] *= inv;
+      row_lse[i] = softmax_row(row, n);
       std::fill(row + n, row + W, T(0));
-      row_lse[i] = mx + std::log(sum);
     }
-    gemm_serial<T>(false, false, S, D, W, T(1), p, W, V + first * ld + h * D, ld, T(0), O + int64_t(b) * S * ld + h * D,
-                   ld);
+    gemm_serial<T>(false, false, S, D, W, T(1), p, W, V + first * ld + h * D, ld, T(0), out, ld);
   }
 }
 
@@ -107,23 +131,53 @@ void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* 
       const bool own = e == b;
       const T* k = own ? at(Kown, b, h) : at(Kx, e, h);
       if (e > b - c + 1) barrier();  // the previous block's gradients have read P and dS
-      if (mine(0)) gemm_serial<T>(false, true, S, S, D, scale, q, ld, k, ld, T(0), P, S);             // scores
-      if (mine(1)) gemm_serial<T>(false, true, S, S, D, T(1), go, ld, at(V, e, h), ld, T(0), dS, S);  // dP
+      // Own keys come in tiles of kCausalTile rows: rows [r0, r1) see keys [0, r1).
+      const int tiles = own ? (S + kCausalTile - 1) / kCausalTile : 1;
+      const auto r0_of = [&](int t) { return own ? t * kCausalTile : 0; };
+      const auto r1_of = [&](int t) { return own ? std::min(S, (t + 1) * kCausalTile) : S; };
+      for (int t = 0; t < tiles; ++t) {
+        const int r0 = r0_of(t), r1 = r1_of(t);
+        if (mine(0))  // scores
+          gemm_serial<T>(false, true, r1 - r0, r1, D, scale, q + int64_t(r0) * ld, ld, k, ld, T(0), P + int64_t(r0) * S,
+                         S);
+        if (mine(1))  // dP
+          gemm_serial<T>(false, true, r1 - r0, r1, D, T(1), go + int64_t(r0) * ld, ld, at(V, e, h), ld, T(0),
+                         dS + int64_t(r0) * S, S);
+      }
       barrier();
       for (int i = S * tid / nt; i < S * (tid + 1) / nt; ++i) {
         T* p = P + int64_t(i) * S;
         T* ds = dS + int64_t(i) * S;
-        const int n = own ? i + 1 : S;
+        const int n = own ? i + 1 : S, width = own ? r1_of(i / kCausalTile) : S;
         const T l = row_lse[i], dl = delta[i];
 #pragma omp simd
         for (int j = 0; j < n; ++j) {
           p[j] = fast_exp(p[j] - l);
           ds[j] = p[j] * (ds[j] - dl) * scale;
         }
-        std::fill(p + n, p + S, T(0));  // masked: probability and gradient 0
-        std::fill(ds + n, ds + S, T(0));
+        std::fill(p + n, p + width, T(0));  // masked: probability and gradient 0
+        std::fill(ds + n, ds + width, T(0));
       }
       barrier();
+      T* dk = own ? at(dKown, b, h) : at(dKx, e, h);
+      if (own) {
+        for (int t = 0; t < tiles; ++t) {  // dQ rows [r0, r1) from keys [0, r1); tiles 0, 3 | 1, 2 balance two threads
+          const int r0 = r0_of(t), r1 = r1_of(t);
+          if (mine(t % 4 == 1 || t % 4 == 2))
+            gemm_serial<T>(false, false, r1 - r0, D, r1, T(1), dS + int64_t(r0) * S, S, k, ld, T(1),
+                           at(dQ, b, h) + int64_t(r0) * ld, ld);
+        }
+        for (int t = 0; t < tiles; ++t) {  // keys [j0, j1) are seen by rows [j0, S)
+          const int j0 = r0_of(t), j1 = r1_of(t);
+          if (mine(0))
+            gemm_serial<T>(true, false, j1 - j0, D, S - j0, T(1), P + int64_t(j0) * S + j0, S, go + int64_t(j0) * ld,
+                           ld, T(1), at(dV, e, h) + int64_t(j0) * ld, ld);
+          if (mine(1))
+            gemm_serial<T>(true, false, j1 - j0, D, S - j0, T(1), dS + int64_t(j0) * S + j0, S, q + int64_t(j0) * ld,
+                           ld, T(1), dk + int64_t(j0) * ld, ld);
+        }
+        continue;
+      }
       if (mine(0)) {
         gemm_serial<T>(false, false, half, D, S, T(1), dS, S, k, ld, T(1), at(dQ, b, h), ld);
         gemm_serial<T>(true, false, S, D, S, T(1), P, S, go, ld, T(1), at(dV, e, h), ld);
@@ -131,7 +185,7 @@ void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* 
       if (mine(1)) {
         gemm_serial<T>(false, false, S - half, D, S, T(1), dS + int64_t(half) * S, S, k, ld, T(1),
                        at(dQ, b, h) + int64_t(half) * ld, ld);
-        gemm_serial<T>(true, false, S, D, S, T(1), dS, S, q, ld, T(1), own ? at(dKown, b, h) : at(dKx, e, h), ld);
+        gemm_serial<T>(true, false, S, D, S, T(1), dS, S, q, ld, T(1), dk, ld);
       }
     }
   }
