@@ -193,14 +193,14 @@ CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const u
     hit[i] = arg == t;
     T sum = 0;
     if (g) {
-#pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < V; ++j) sum += (g[j] = fast_exp(l[j] - mx));
+#pragma omp simd
+      for (int j = 0; j < V; ++j) g[j] = fast_exp(l[j] - mx);
+      for (int j = 0; j < V; ++j) sum += g[j];  // in order: the bits do not depend on the vector width
       const T scale = grad_scale / T(count[i / S]), k = scale / sum;
 #pragma omp simd
       for (int j = 0; j < V; ++j) g[j] *= k;
       g[t] -= scale;
     } else {
-#pragma omp simd reduction(+ : sum)
       for (int j = 0; j < V; ++j) sum += fast_exp(l[j] - mx);
     }
     nll[i] = double(mx + std::log(sum) - lt);

@@ -34,9 +34,10 @@ T softmax_row(T* row, int n) {
   T mx = row[0];
 #pragma omp simd reduction(max : mx)
   for (int j = 1; j < n; ++j) mx = std::max(mx, row[j]);
+#pragma omp simd
+  for (int j = 0; j < n; ++j) row[j] = fast_exp(row[j] - mx);
   T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < n; ++j) sum += (row[j] = fast_exp(row[j] - mx));
+  for (int j = 0; j < n; ++j) sum += row[j];  // in order: the bits do not depend on the vector width
   const T inv = T(1) / sum;
 #pragma omp simd
   for (int j = 0; j < n; ++j) row[j] *= inv;
