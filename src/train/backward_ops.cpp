@@ -30,7 +30,10 @@ void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, c
           int ldc) {
   // Below this OpenBLAS runs single-threaded anyway (its SMP threshold for gemm).
   if (double(M) * N * K <= 262144.0) return gemm_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  const int tile = std::min(256, std::max(16, (M + 8 * 16 - 1) / (8 * 16) * 16));  // ~8 tiles, from the shape only
+  // ~8 tiles, from the shape only; a long reduction over few rows (the weight gradients dyᵀ·x, K =
+  // tokens) in 2 tiles, since each tile packs all of op(B) again (8 tiles copied x 8 times).
+  const int parts = K >= 8 * M ? 2 : 8;
+  const int tile = std::min(256, std::max(16, (M + parts * 16 - 1) / (parts * 16) * 16));
   const int tiles = (M + tile - 1) / tile;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int t = 0; t < tiles; ++t) {
