@@ -1,10 +1,11 @@
 #include "train/crossbatch.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <omp.h>
 #include <vector>
 
 #include "train/backward_ops.h"
@@ -94,8 +95,9 @@ namespace {
 
 // The backward pass of one head, run by a team of `nt` threads (thread `tid`) that share P, dS
 // and delta ([S x S], [S x S], [S]); a team of one is the plain serial loop. Every gemm is the
-// same call whatever the team size (dQ always in two row halves), and each output block is
-// written by one thread in the serial order, so the bits do not depend on the team size.
+// same call whatever the team size (dQ always in the same row pieces: halves, or the own block's
+// causal tiles), and each output block is written by one thread in the serial order, so the bits
+// do not depend on the team size.
 // Teams exist because since the memory layer has one head (stage M of the dictionary recipe),
 // a loop over heads left the second core idle for ~80% of a crossbatch step.
 template <typename T>
