@@ -244,7 +244,23 @@ Vec attention_reference(const CrossBatch& cb, int B, int S, int H, int D, const 
   return O;
 }
 
-void check_attention(const CrossBatch& cb, int B, int S, int H, int D, uint64_t seed) {
+// Relative error of the analytic gradient along a random direction u against the central
+// difference of the loss along u: one pair of evaluations, for inputs too large for grad_error.
+double directional_error(Vec& x, const Vec& analytic, const std::function<double()>& loss, std::mt19937_64& rng,
+                         double h = 1e-5) {
+  const Vec u = randn(x.size(), rng), keep = x;
+  for (size_t i = 0; i < x.size(); ++i) x[i] = keep[i] + h * u[i];
+  const double lp = loss();
+  for (size_t i = 0; i < x.size(); ++i) x[i] = keep[i] - h * u[i];
+  const double lm = loss();
+  x = keep;
+  const double num = (lp - lm) / (2 * h);
+  return std::abs(dot(analytic, u) - num) / std::max(1.0, std::abs(num));
+}
+
+// Forward against the direct evaluation; gradients against finite differences, element by element
+// or (directional, for large inputs) along one random direction per tensor.
+void check_attention(const CrossBatch& cb, int B, int S, int H, int D, uint64_t seed, bool directional = false) {
   std::mt19937_64 rng(seed);
   const size_t n = size_t(B) * S * H * D;
   Vec Q = randn(n, rng), Kown = randn(n, rng), Kx = randn(n, rng), V = randn(n, rng), w = randn(n, rng);
@@ -261,12 +277,22 @@ void check_attention(const CrossBatch& cb, int B, int S, int H, int D, uint64_t 
   Vec dQ(n), dKown(n), dKx(n), dV(n);
   attention_bwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data(), w.data(), dQ.data(),
                 dKown.data(), dKx.data(), dV.data());
-  const double eq = grad_error(Q, dQ, loss), ek = grad_error(Kown, dKown, loss), ex = grad_error(Kx, dKx, loss),
-               ev = grad_error(V, dV, loss);
-  EXPECT_LT(eq, kTol);
-  EXPECT_LT(ek, kTol);
-  EXPECT_LT(ex, kTol);
-  EXPECT_LT(ev, kTol);
+  const auto error = [&](Vec& x, const Vec& g) {
+    return directional ? directional_error(x, g, loss, rng) : grad_error(x, g, loss);
+  };
+  const double eq = error(Q, dQ), ek = error(Kown, dKown), ex = error(Kx, dKx), ev = error(V, dV);
+  const double tol = directional ? 1e-7 : kTol;
+  EXPECT_LT(eq, tol);
+  EXPECT_LT(ek, tol);
+  EXPECT_LT(ex, tol);
+  EXPECT_LT(ev, tol);
+  bool cross = false;  // does any entry see another entry's keys?
+  for (int b = 0; b < B; ++b) cross = cross || cb.contexts(b) > 1;
+  for (const Vec* g : {&dQ, &dKown, &dV}) EXPECT_GT(dot(*g, *g), 0.0);  // real signals, not zeros
+  if (cross)
+    EXPECT_GT(dot(dKx, dKx), 0.0);
+  else
+    EXPECT_EQ(dot(dKx, dKx), 0.0);
   std::printf(
       "  k=%d r=%d stepping=%d negatives=%d B=%d S=%d H=%d D=%d: fwd %.1e, grad Q %.1e Kown %.1e Kx %.1e V %.1e\n",
       cb.k, cb.range, cb.stepping, cb.negatives, B, S, H, D, fwd_err, eq, ek, ex, ev);
@@ -284,44 +310,10 @@ TEST(CrossBatch, AttentionGradients) {
 }
 
 // Sequences longer than the causal tile (64 rows): the own block is computed in tiles, with a
-// short last tile. Forward against the direct evaluation; each gradient against the central
-// difference of the loss along a random direction (one pair of evaluations per tensor).
+// short last tile.
 TEST(CrossBatch, AttentionTiledOwnBlock) {
-  const int B = 4, S = 150, H = 2, D = 8;
-  for (const CrossBatch& cb : {CrossBatch{1, 0, true, true}, CrossBatch{2, 1, true, true}}) {
-    std::mt19937_64 rng(31);
-    const size_t n = size_t(B) * S * H * D;
-    Vec Q = randn(n, rng), Kown = randn(n, rng), Kx = randn(n, rng), V = randn(n, rng), w = randn(n, rng);
-    Vec lse(size_t(B) * H * S), O(n);
-    auto loss = [&] {
-      attention_fwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data());
-      return dot(O, w);
-    };
-    loss();
-    const Vec ref = attention_reference(cb, B, S, H, D, Q, Kown, Kx, V);
-    double fwd_err = 0;
-    for (size_t i = 0; i < n; ++i) fwd_err = std::max(fwd_err, std::abs(O[i] - ref[i]));
-    EXPECT_LT(fwd_err, 1e-12);
-    Vec dQ(n), dKown(n), dKx(n), dV(n);
-    attention_bwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data(), w.data(),
-                  dQ.data(), dKown.data(), dKx.data(), dV.data());
-    const std::pair<Vec*, Vec*> pairs[] = {{&Q, &dQ}, {&Kown, &dKown}, {&Kx, &dKx}, {&V, &dV}};
-    for (const auto& [x, g] : pairs) {
-      const Vec dir = randn(n, rng), keep = *x;
-      const double h = 1e-5;
-      for (size_t i = 0; i < n; ++i) (*x)[i] = keep[i] + h * dir[i];
-      const double lp = loss();
-      for (size_t i = 0; i < n; ++i) (*x)[i] = keep[i] - h * dir[i];
-      const double lm = loss();
-      *x = keep;
-      const double num = (lp - lm) / (2 * h), analytic = dot(*g, dir);
-      EXPECT_NEAR(analytic, num, 1e-7 * std::max(1.0, std::abs(num))) << "range " << cb.range;
-      if (x == &Kx && cb.range == 0)
-        EXPECT_EQ(analytic, 0.0);  // no entry sees another's keys
-      else
-        EXPECT_GT(std::abs(analytic), 1e-3);  // a real signal, not two zeros
-    }
-  }
+  check_attention({1, 0, true, true}, 4, 150, 2, 8, 31, /*directional=*/true);  // plain causal
+  check_attention({2, 1, true, true}, 4, 150, 2, 8, 32, /*directional=*/true);  // positives + negatives
 }
 
 // Fewer heads than threads: the backward pass runs each head as a team of threads (the merged
