@@ -288,6 +288,38 @@ TEST(Dictionary, CurriculumOptions) {
     expect_queries_match(d.tokens, 256, defs);
   }
   EXPECT_EQ(gap_sizes, (std::set<int>{0, 1, 2, 3}));
+  // Shorter keys: only the last key_symbols symbols vary, the ones before are the first symbol;
+  // a document holds at most symbols^key_symbols definitions (all keys distinct), queries match.
+  for (int ks : {1, 2, 3}) {
+    o = tasks::DictionaryOptions::from_json({{"min_definitions", 4}, {"max_definitions", 25}, {"symbols", 4},
+                                             {"key_symbols", ks}, {"random_offset", 1}, {"length", 768}}, "t");
+    const int keys = ks == 1 ? 4 : ks == 2 ? 16 : 64;
+    std::set<std::vector<int>> varying_seen;
+    for (uint64_t s = 0; s < 30; ++s) {
+      train::Rng rng(s);
+      const auto d = tasks::dictionary_document(o, rng);
+      ASSERT_EQ(d.tokens.size(), 768u);
+      std::map<std::vector<int>, std::vector<int>> defs;
+      for (size_t w = 0; w < 2; ++w) {
+        size_t i = w * 256 + (w == 0);
+        while (i < (w + 1) * 256 && d.tokens[i] == kPad) ++i;
+        int n = 0;
+        const auto part = check_definitions(d.tokens, i, (w + 1) * 256, false, &n);
+        for (const auto& [k, v] : part) {
+          for (int j = 0; j < 4 - ks; ++j) EXPECT_EQ(k[size_t(j)], kFirstSymbol) << "fixed key symbol";
+          varying_seen.insert(k);
+          EXPECT_TRUE(defs.emplace(k, v).second) << "keys are distinct across the document";
+        }
+      }
+      EXPECT_LE(int(defs.size()), keys);
+      EXPECT_GE(int(defs.size()), std::min(keys, 4));
+      expect_queries_match(d.tokens, 512, defs);
+    }
+    EXPECT_EQ(int(varying_seen.size()), keys) << "every short key occurs";
+  }
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"key_symbols", 5}}, "t"), Error);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"key_symbols", 0}}, "t"), Error);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"key_symbols", 2}, {"local_definitions", 2}}, "t"), Error);
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"definitions", 0}}, "t"), Error);
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"length", 300}}, "t"), Error);
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"bogus", 1}}, "t"), Error);

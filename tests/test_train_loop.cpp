@@ -389,3 +389,39 @@ TEST(TrainLoop, TextDataWithTokenizer) {
   EXPECT_EQ(fs::file_size(dir / "out" / "model" / "tokenizer.model"), fs::file_size(tok));
   fs::remove_all(dir);
 }
+
+// eval.stop_accuracy ends a run at the first evaluation that reaches it: the same run without it
+// gives the evaluation accuracies; the stopped run ends at the first step that reached their
+// maximum, with the model saved.
+TEST(TrainLoop, StopsAtEvalAccuracy) {
+  const fs::path full = temp_dir("stop_full"), stopped = temp_dir("stop_early");
+  json j = copy_run(full, 40);
+  j["eval"] = {{"batches", 2}, {"interval", 5}};
+  Trainer(config_of(j), Trainer::Start::Fresh).run();
+  std::vector<std::pair<int64_t, double>> evals;
+  std::ifstream in(full / "log.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const json e = json::parse(line);
+    const int64_t step = e.value("step", int64_t(-1));
+    if (e.contains("eval_accuracy") && step > 0 && step < 40) evals.emplace_back(step, e["eval_accuracy"].get<double>());
+  }
+  ASSERT_EQ(evals.size(), 7u);  // steps 5, 10, ..., 35
+  double best = 0;
+  for (const auto& [s, a] : evals) best = std::max(best, a);
+  ASSERT_GT(best, 0.0);
+  int64_t first_best = 0;
+  for (const auto& [s, a] : evals)
+    if (a >= best && first_best == 0) first_best = s;
+
+  j["output"] = stopped.string();
+  j["eval"]["stop_accuracy"] = best;
+  Trainer t(config_of(j), Trainer::Start::Fresh);
+  t.run();
+  EXPECT_EQ(t.steps_done(), first_best);
+  EXPECT_TRUE(fs::exists(stopped / "model" / "model.safetensors"));
+  EXPECT_NEAR(t.evaluate().accuracy, best, 1e-12);
+  j["eval"]["stop_accuracy"] = 1.5;
+  EXPECT_THROW(config_of(j), Error);
+  fs::remove_all(full);
+  fs::remove_all(stopped);
+}

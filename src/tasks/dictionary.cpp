@@ -11,7 +11,7 @@ using namespace dict;
 
 DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const std::string& where) {
   train::check_task_options(o, {"length", "window", "min_definitions", "max_definitions", "definitions", "queries",
-                                "symbols", "unique_queries", "local_definitions", "random_offset", "bos", "near_keys", "max_gap"},
+                                "symbols", "unique_queries", "local_definitions", "random_offset", "bos", "near_keys", "max_gap", "key_symbols"},
                             where);
   DictionaryOptions d;
   train::task_option(o, "length", d.length, where, 2);
@@ -37,6 +37,12 @@ DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const st
   d.bos = bos != 0;
   train::task_option(o, "near_keys", d.near_keys, where, 0);
   train::task_option(o, "max_gap", d.max_gap, where, 0);
+  train::task_option(o, "key_symbols", d.key_symbols, where, 1);
+  if (d.key_symbols > kKeyLength)
+    throw Error(where + ": task option 'key_symbols' must be <= " + std::to_string(kKeyLength));
+  if (d.key_symbols < kKeyLength && d.local_definitions > 0)
+    throw Error(where + ": task option 'key_symbols' < " + std::to_string(kKeyLength) +
+                " does not go with 'local_definitions'");
   if (d.near_keys > 100) throw Error(where + ": task option 'near_keys' is a percentage, must be <= 100");
   if (d.symbols > kSymbols) throw Error(where + ": task option 'symbols' must be <= " + std::to_string(kSymbols));
   if (d.length % d.window != 0 || d.length < 2 * d.window)
@@ -58,22 +64,26 @@ uint32_t key_code(const int* k, int symbols) {
 
 // Appends a definition with a fresh key (distinct from those in `used`) and random values.
 // With `near` (the start of an earlier definition in `out`), the key is that definition's key
-// with one symbol changed, when such a key is still free (else a random one).
+// with one symbol changed, when such a key is still free (else a random one). Only the last
+// `varying` key symbols are drawn; the ones before them are the first symbol.
 template <class Set>
-void put_definition(std::vector<int>& out, Set& used, int symbols, train::Rng& rng, int64_t near = -1) {
+void put_definition(std::vector<int>& out, Set& used, int symbols, train::Rng& rng, int64_t near = -1,
+                    int varying = kKeyLength) {
+  const int fixed = kKeyLength - varying;
   int k[kKeyLength];
+  for (int i = 0; i < fixed; ++i) k[i] = kFirstSymbol;
   bool found = false;
   if (near >= 0) {
     for (int attempt = 0; attempt < 8 && !found; ++attempt) {
       for (int i = 0; i < kKeyLength; ++i) k[i] = out[size_t(near) + 1 + size_t(i)];
-      const int at = int(rng.below(kKeyLength));
+      const int at = fixed + int(rng.below(uint32_t(varying)));
       const int old = k[at] - kFirstSymbol;
       k[at] = kFirstSymbol + (old + 1 + int(rng.below(uint32_t(symbols - 1)))) % symbols;  // != old
       found = used.insert(key_code(k, symbols)).second;
     }
   }
   while (!found) {
-    for (int& t : k) t = kFirstSymbol + int(rng.below(uint32_t(symbols)));
+    for (int i = fixed; i < kKeyLength; ++i) k[i] = kFirstSymbol + int(rng.below(uint32_t(symbols)));
     found = used.insert(key_code(k, symbols)).second;
   }
   out.push_back(kKeyMark);
@@ -154,10 +164,12 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
   std::vector<int64_t> starts;
   std::unordered_set<uint32_t> used;
   const int def_windows = o.length / o.window - 1;
+  int64_t keys = 1;  // distinct keys there are; a document never asks for more
+  for (int i = 0; i < o.key_symbols; ++i) keys *= o.symbols;
   for (int w = 0; w < def_windows; ++w) {
     const size_t begin = t.size();
     if (w == 0 && o.bos) t.push_back(kBos);
-    const int fit = int(o.window - (t.size() - begin)) / kEntry;
+    const int fit = int(std::min<int64_t>(int64_t(o.window - (t.size() - begin)) / kEntry, keys - int64_t(used.size())));
     const int lo = std::min(o.min_definitions, fit), hi = std::min(o.max_definitions, fit);
     const int n = lo + int(rng.below(uint32_t(hi - lo + 1)));
     int free = int(o.window - (t.size() - begin)) - n * kEntry;
@@ -174,7 +186,7 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
       if (o.near_keys > 0 && !starts.empty() && int(rng.below(100)) < o.near_keys)
         near = starts[rng.below(uint32_t(starts.size()))];
       starts.push_back(int64_t(t.size()));
-      put_definition(t, used, o.symbols, rng, near);
+      put_definition(t, used, o.symbols, rng, near, o.key_symbols);
       t.insert(t.end(), size_t(gaps[size_t(i)]), kPad);
     }
     t.resize(begin + o.window, kPad);

@@ -64,6 +64,10 @@ struct DictionaryOptions {
   // curriculum found reads a definition's values from the tokens after it (the next definition's
   // <k> … <v>), where its key symbols are 6–14 tokens back (docs/tasks.md, session 6).
   int max_gap = 0;
+  // How many key symbols vary (1-4; the earlier ones are all the first symbol): a lookup on a
+  // shorter key, a curriculum for the 4-symbol one. Definitions per document are capped by the
+  // symbols^key_symbols distinct keys.
+  int key_symbols = dict::kKeyLength;
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };
 

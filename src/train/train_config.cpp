@@ -232,6 +232,9 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     e.get("cross_batch_range", c.eval_range, -1);
     e.get("stepping", c.eval_stepping);
     e.get("negatives", c.eval_negatives);
+    e.get("stop_accuracy", c.eval_stop_accuracy);
+    if (!(c.eval_stop_accuracy >= 0 && c.eval_stop_accuracy <= 1))
+      throw Error(e.name("stop_accuracy") + " must be in [0, 1]");
     e.done();
   }
   if (c.eval_range < 0) c.eval_range = c.pack_size - 1;

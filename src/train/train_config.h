@@ -56,6 +56,9 @@ struct TrainConfig {
   int eval_range = -1;  // -1: pack_size - 1 (each chunk sees all earlier chunks of its pack)
   bool eval_stepping = false;
   bool eval_negatives = false;
+  // > 0: the run ends (model saved) at the first evaluation whose accuracy reaches this, so
+  // `steps` is a maximum. For stages that cross a plateau at a step no one can predict.
+  double eval_stop_accuracy = 0;
 
   int64_t checkpoint_interval = 0;  // 0 = only at the end
   int keep_checkpoints = 1;

@@ -327,14 +327,15 @@ void Trainer::run(int64_t stop_after) {
   const auto t0 = clock_type::now();
   auto last_log = t0;
   int64_t tokens_since = 0;
-  auto do_eval = [&] {
-    if (cfg_.eval_batches <= 0) return;
+  auto do_eval = [&]() -> double {
+    if (cfg_.eval_batches <= 0) return 0.0;
     const EvalStats e = evaluate();
     char buf[160];
     std::snprintf(buf, sizeof buf, "eval step %lld: loss %.4f | acc %.4f | %lld tokens, cross_batch_range %d",
                   (long long)step_, e.loss, e.accuracy, (long long)e.tokens, cfg_.eval_range);
     log(buf);
     log_json({{"step", step_}, {"eval_loss", e.loss}, {"eval_accuracy", e.accuracy}});
+    return e.accuracy;
   };
   if (step_ == 0) do_eval();  // the starting point
   while (step_ < cfg_.steps) {
@@ -360,12 +361,18 @@ void Trainer::run(int64_t stop_after) {
       tokens_since = 0;
     }
     const bool stopping = stop_after > 0 && step_ >= stop_after;
-    if (cfg_.eval_interval > 0 && step_ % cfg_.eval_interval == 0 && step_ < cfg_.steps) do_eval();
-    if ((cfg_.checkpoint_interval > 0 && step_ % cfg_.checkpoint_interval == 0) || step_ == cfg_.steps || stopping)
+    bool reached = false;
+    if (cfg_.eval_interval > 0 && step_ % cfg_.eval_interval == 0 && step_ < cfg_.steps) {
+      const double acc = do_eval();
+      reached = cfg_.eval_stop_accuracy > 0 && acc >= cfg_.eval_stop_accuracy;
+      if (reached) log("eval accuracy reached eval.stop_accuracy " + std::to_string(cfg_.eval_stop_accuracy) + ": stopping");
+    }
+    if ((cfg_.checkpoint_interval > 0 && step_ % cfg_.checkpoint_interval == 0) || step_ == cfg_.steps || stopping || reached)
       log("checkpoint: " + save_checkpoint());
+    if (reached) break;
     if (stopping && step_ < cfg_.steps) return;
   }
-  if (step_ > first) do_eval();
+  if (step_ > first && step_ == cfg_.steps) do_eval();
   const std::string out = (fs::path(cfg_.output) / "model").string();
   save_model_dir(out, model(), cfg_.save_bf16, tokenizer_bytes_);
   log("model: " + out);
