@@ -422,6 +422,8 @@ TEST(TrainLoop, StopsAtEvalAccuracy) {
   EXPECT_NEAR(t.evaluate().accuracy, best, 1e-12);
   j["eval"]["stop_accuracy"] = 1.5;
   EXPECT_THROW(config_of(j), Error);
+  j["eval"] = {{"batches", 2}, {"stop_accuracy", 0.5}};  // no interval: never checked
+  EXPECT_THROW(config_of(j), Error);
   fs::remove_all(full);
   fs::remove_all(stopped);
 }

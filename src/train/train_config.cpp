@@ -235,6 +235,8 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     e.get("stop_accuracy", c.eval_stop_accuracy);
     if (!(c.eval_stop_accuracy >= 0 && c.eval_stop_accuracy <= 1))
       throw Error(e.name("stop_accuracy") + " must be in [0, 1]");
+    if (c.eval_stop_accuracy > 0 && c.eval_interval <= 0)
+      throw Error(e.name("stop_accuracy") + " needs eval.interval > 0 (it is checked at those evaluations)");
     e.done();
   }
   if (c.eval_range < 0) c.eval_range = c.pack_size - 1;
