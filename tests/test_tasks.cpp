@@ -61,6 +61,19 @@ std::map<std::vector<int>, std::vector<int>> check_definitions(const std::vector
   return defs;
 }
 
+// Window w (of 256 tokens) of a document with random offsets: pads, then whole definitions (BOS
+// first in window 0). Returns key -> values; *start = where the definitions begin.
+std::map<std::vector<int>, std::vector<int>> offset_window(const std::vector<int>& t, size_t w, size_t* start = nullptr,
+                                                           int* count = nullptr) {
+  size_t i = w * 256 + (w == 0);
+  if (w == 0) {
+    EXPECT_EQ(t[0], kBos);
+  }
+  while (i < (w + 1) * 256 && t[i] == kPad) ++i;
+  if (start) *start = i;
+  return check_definitions(t, i, (w + 1) * 256, false, count);
+}
+
 // Every query from `from` on (up to the first token that is not <q>) asks about a definition in
 // `defs` and repeats its values.
 void expect_queries_match(const std::vector<int>& t, size_t from, const std::map<std::vector<int>, std::vector<int>>& defs) {
@@ -173,15 +186,11 @@ TEST(Dictionary, CurriculumOptions) {
     ASSERT_EQ(d.tokens.size(), 768u);
     std::map<std::vector<int>, std::vector<int>> defs;
     for (size_t w = 0; w < 2; ++w) {
-      size_t i = w * 256 + (w == 0);
-      if (w == 0) {
-        EXPECT_EQ(d.tokens[0], kBos);
-      }
-      while (d.tokens[i] == kPad) ++i;
+      size_t i = 0;
+      int n = 0;
+      const auto part = offset_window(d.tokens, w, &i, &n);
       starts.insert(i - w * 256);
       EXPECT_LE(i + 4 * kEntry, (w + 1) * 256);
-      int n = 0;
-      const auto part = check_definitions(d.tokens, i, (w + 1) * 256, false, &n);
       EXPECT_EQ(n, 4);
       defs.insert(part.begin(), part.end());
     }
@@ -301,11 +310,7 @@ TEST(Dictionary, CurriculumOptions) {
       ASSERT_EQ(d.tokens.size(), 768u);
       std::map<std::vector<int>, std::vector<int>> defs;
       for (size_t w = 0; w < 2; ++w) {
-        size_t i = w * 256 + (w == 0);
-        while (i < (w + 1) * 256 && d.tokens[i] == kPad) ++i;
-        int n = 0;
-        const auto part = check_definitions(d.tokens, i, (w + 1) * 256, false, &n);
-        for (const auto& [k, v] : part) {
+        for (const auto& [k, v] : offset_window(d.tokens, w)) {
           for (int j = 0; j < 4 - ks; ++j) EXPECT_EQ(k[size_t(j)], kFirstSymbol) << "fixed key symbol";
           varying_seen.insert(k);
           EXPECT_TRUE(defs.emplace(k, v).second) << "keys are distinct across the document";
