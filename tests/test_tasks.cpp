@@ -331,6 +331,53 @@ TEST(Dictionary, CurriculumOptions) {
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"symbols", 65}}, "t"), Error);
 }
 
+// mark_first: that share of the definitions is written `<k> <v> k1 k2 k3 k4 v1 v2 v3 v4`, and each
+// query repeats its definition's layout, still scored on v1..v4 only; 0 leaves the data as it was.
+TEST(Dictionary, MarkFirst) {
+  const nlohmann::json base = {{"min_definitions", 4}, {"max_definitions", 25}, {"random_offset", 1}, {"length", 512}};
+  nlohmann::json with = base;
+  with["mark_first"] = 50;
+  nlohmann::json zero = base;
+  zero["mark_first"] = 0;
+  int first = 0, after = 0;
+  for (uint64_t s = 0; s < 20; ++s) {
+    train::Rng r0(s), r1(s);
+    EXPECT_EQ(tasks::dictionary_document(tasks::DictionaryOptions::from_json(base, "t"), r0).tokens,
+              tasks::dictionary_document(tasks::DictionaryOptions::from_json(zero, "t"), r1).tokens);
+    train::Rng rng(s);
+    const auto d = tasks::dictionary_document(tasks::DictionaryOptions::from_json(with, "t"), rng);
+    ASSERT_EQ(d.tokens.size(), 512u);
+    std::map<std::vector<int>, std::vector<int>> entry;  // key -> tokens 1..9 of its definition
+    size_t i = 1;
+    while (i < 256 && d.tokens[i] == kPad) ++i;
+    for (; i < 256 && d.tokens[i] == kKeyMark; i += kEntry) {
+      const bool mark_first = d.tokens[i + 1] == kValueMark;
+      EXPECT_EQ(d.tokens[i + (mark_first ? 1 : 5)], kValueMark);
+      (mark_first ? first : after) += 1;
+      const std::vector<int> key(d.tokens.begin() + long(i) + (mark_first ? 2 : 1),
+                                 d.tokens.begin() + long(i) + (mark_first ? 6 : 5));
+      for (int k : key) EXPECT_GE(k, kFirstSymbol);
+      EXPECT_TRUE(entry.emplace(key, std::vector<int>(d.tokens.begin() + long(i) + 1, d.tokens.begin() + long(i) + 10)).second);
+    }
+    for (; i < 256; ++i) EXPECT_EQ(d.tokens[i], kPad) << "at " << i;
+    int queries = 0;
+    for (size_t q = 256; d.tokens[q] == kQueryMark; q += kEntry, ++queries) {
+      const bool mark_first = d.tokens[q + 1] == kValueMark;
+      const std::vector<int> key(d.tokens.begin() + long(q) + (mark_first ? 2 : 1),
+                                 d.tokens.begin() + long(q) + (mark_first ? 6 : 5));
+      const auto it = entry.find(key);
+      ASSERT_TRUE(it != entry.end()) << "the query at " << q << " asks about no definition";
+      EXPECT_EQ(std::vector<int>(d.tokens.begin() + long(q) + 1, d.tokens.begin() + long(q) + 10), it->second);
+      for (int j = 0; j < kEntry; ++j) EXPECT_EQ(d.loss[q + size_t(j)], j >= 6) << "scored: v1..v4 only";
+    }
+    EXPECT_GT(queries, 0);
+  }
+  EXPECT_GT(first, 100);
+  EXPECT_GT(after, 100);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"mark_first", 101}}, "t"), Error);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"mark_first", -1}}, "t"), Error);
+}
+
 TEST(Dictionary, RegisteredInTheTrainer) {
   auto src = train::make_task("dictionary", {{"definitions", 4}}, nullptr, "run.json.data.sources[0]");
   EXPECT_EQ(src->vocab_needed(), 70);

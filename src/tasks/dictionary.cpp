@@ -11,7 +11,8 @@ using namespace dict;
 
 DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const std::string& where) {
   train::check_task_options(o, {"length", "window", "min_definitions", "max_definitions", "definitions", "queries",
-                                "symbols", "unique_queries", "local_definitions", "random_offset", "bos", "near_keys", "max_gap", "key_symbols"},
+                                "symbols", "unique_queries", "local_definitions", "random_offset", "bos", "near_keys", "max_gap", "key_symbols",
+                                "mark_first"},
                             where);
   DictionaryOptions d;
   train::task_option(o, "length", d.length, where, 2);
@@ -43,6 +44,8 @@ DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const st
   if (d.key_symbols < kKeyLength && d.local_definitions > 0)
     throw Error(where + ": task option 'key_symbols' < " + std::to_string(kKeyLength) +
                 " does not go with 'local_definitions'");
+  train::task_option(o, "mark_first", d.mark_first, where, 0);
+  if (d.mark_first > 100) throw Error(where + ": task option 'mark_first' is a percentage, must be <= 100");
   if (d.near_keys > 100) throw Error(where + ": task option 'near_keys' is a percentage, must be <= 100");
   if (d.symbols > kSymbols) throw Error(where + ": task option 'symbols' must be <= " + std::to_string(kSymbols));
   if (d.length % d.window != 0 || d.length < 2 * d.window)
@@ -65,17 +68,19 @@ uint32_t key_code(const int* k, int symbols) {
 // Appends a definition with a fresh key (distinct from those in `used`) and random values.
 // With `near` (the start of an earlier definition in `out`), the key is that definition's key
 // with one symbol changed, when such a key is still free (else a random one). Only the last
-// `varying` key symbols are drawn; the ones before them are the first symbol.
+// `varying` key symbols are drawn; the ones before them are the first symbol. With `mark_first`
+// the <v> mark goes before the key instead of after it.
 template <class Set>
 void put_definition(std::vector<int>& out, Set& used, int symbols, train::Rng& rng, int64_t near = -1,
-                    int varying = kKeyLength) {
+                    int varying = kKeyLength, bool mark_first = false) {
   const int fixed = kKeyLength - varying;
   int k[kKeyLength];
   for (int i = 0; i < fixed; ++i) k[i] = kFirstSymbol;
   bool found = false;
   if (near >= 0) {
     for (int attempt = 0; attempt < 8 && !found; ++attempt) {
-      for (int i = 0; i < kKeyLength; ++i) k[i] = out[size_t(near) + 1 + size_t(i)];
+      const size_t key = size_t(near) + (out[size_t(near) + 1] == kValueMark ? 2 : 1);
+      for (int i = 0; i < kKeyLength; ++i) k[i] = out[key + size_t(i)];
       const int at = fixed + int(rng.below(uint32_t(varying)));
       const int old = k[at] - kFirstSymbol;
       k[at] = kFirstSymbol + (old + 1 + int(rng.below(uint32_t(symbols - 1)))) % symbols;  // != old
@@ -87,8 +92,9 @@ void put_definition(std::vector<int>& out, Set& used, int symbols, train::Rng& r
     found = used.insert(key_code(k, symbols)).second;
   }
   out.push_back(kKeyMark);
+  if (mark_first) out.push_back(kValueMark);
   out.insert(out.end(), k, k + kKeyLength);
-  out.push_back(kValueMark);
+  if (!mark_first) out.push_back(kValueMark);
   for (int i = 0; i < kValueLength; ++i) out.push_back(kFirstSymbol + int(rng.below(uint32_t(symbols))));
 }
 
@@ -186,7 +192,8 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
       if (o.near_keys > 0 && !starts.empty() && int(rng.below(100)) < o.near_keys)
         near = starts[rng.below(uint32_t(starts.size()))];
       starts.push_back(int64_t(t.size()));
-      put_definition(t, used, o.symbols, rng, near, o.key_symbols);
+      const bool mark_first = o.mark_first > 0 && int(rng.below(100)) < o.mark_first;
+      put_definition(t, used, o.symbols, rng, near, o.key_symbols, mark_first);
       t.insert(t.end(), size_t(gaps[size_t(i)]), kPad);
     }
     t.resize(begin + o.window, kPad);

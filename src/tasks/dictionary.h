@@ -68,6 +68,11 @@ struct DictionaryOptions {
   // shorter key, a curriculum for the 4-symbol one. Definitions per document are capped by the
   // symbols^key_symbols distinct keys.
   int key_symbols = dict::kKeyLength;
+  // A curriculum format: each definition (and so its query) is, with this probability in percent,
+  // written `<k> <v> k1 k2 k3 k4 v1 v2 v3 v4`: v1 then follows its key directly, so it is looked up
+  // by the tokens just before it, like v2..v4, instead of across the <v> mark, which carries
+  // nothing about the key (the lookup that stays weakest: docs/tasks.md, session 12).
+  int mark_first = 0;
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };
 
