@@ -393,6 +393,71 @@ TEST(TrainLoop, TextDataWithTokenizer) {
 // eval.stop_accuracy ends a run at the first evaluation that reaches it: the same run without it
 // gives the evaluation accuracies; the stopped run ends at the first step that reached their
 // maximum, with the model saved.
+// init_copy_rows: rows [rows) of the embedding and the LM head start as the cyclically matching
+// rows of [from) plus N(0, noise) (noise 0: exact copies); every other parameter is the init's.
+TEST(TrainLoop, InitCopyRows) {
+  const fs::path dir = temp_dir("copyrows");
+  ModelConfig c = copy_run_shape(2);
+  const Model base = Model::random(c, 12);
+  base.save((dir / "base").string(), false);
+  json j = copy_run(dir / "out", 0);
+  j.erase("model");
+  j["init"] = (dir / "base").string();
+  const ParamLayout L(c);
+  const std::vector<float> before = flatten(base, L);
+  const size_t d = size_t(c.hidden_size);
+  for (double noise : {0.0, 0.05}) {
+    j["init_copy_rows"] = {{"rows", {20, 32}}, {"from", {3, 7}}, {"noise", noise}};
+    const Trainer t(config_of(j), Trainer::Start::Fresh);
+    const std::vector<float>& after = t.params();
+    ASSERT_EQ(after.size(), before.size());
+    double sum2 = 0;
+    size_t n = 0;
+    for (size_t i = 0; i < before.size(); ++i) {
+      const bool embed = i >= L.embed && i < L.embed + 32 * d, head = i >= L.lm_head && i < L.lm_head + 32 * d;
+      const size_t table = embed ? L.embed : L.lm_head, row = (i - table) / d;
+      if ((embed || head) && row >= 20) {
+        const float src = before[table + (3 + (row - 20) % 4) * d + (i - table) % d];
+        if (noise == 0) {
+          ASSERT_EQ(after[i], src) << "row " << row;
+        } else {
+          sum2 += (double(after[i]) - src) * (double(after[i]) - src);
+          ++n;
+        }
+      } else {
+        ASSERT_EQ(after[i], before[i]) << "parameter " << i;
+      }
+    }
+    if (noise > 0) {
+      ASSERT_EQ(n, size_t(2 * 12) * d);
+      EXPECT_NEAR(std::sqrt(sum2 / double(n)), noise, 0.1 * noise) << "the noise's standard deviation";
+    }
+  }
+  j["steps"] = 0;  // saved as the init made it
+  Trainer(config_of(j), Trainer::Start::Fresh).run();
+  const std::vector<float> saved = flatten(Model::load((dir / "out" / "model").string()), L);
+  EXPECT_NE(saved[L.embed + 20 * d], before[L.embed + 20 * d]);
+  auto refused = [&](const json& rows, const std::string& what) {
+    json k = j;
+    k["init_copy_rows"] = rows;
+    try {
+      config_of(k);
+      ADD_FAILURE() << rows.dump() << " must be refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  refused({{"rows", {20, 33}}, {"from", {3, 7}}}, "vocab_size 32");
+  refused({{"rows", {5, 10}}, {"from", {3, 7}}}, "must not overlap");
+  refused({{"rows", {20, 30}}, {"from", {7, 3}}}, "init_copy_rows.from");
+  refused({{"rows", {20, 30}}, {"from", {3, 7}}, {"noise", -1}}, "noise");
+  refused({{"rows", {20, 30}}, {"from", {3, 7}}, {"bogus", 1}}, "unknown field 'bogus'");
+  json fresh = copy_run(dir / "out", 0);
+  fresh["init_copy_rows"] = {{"rows", {20, 30}}, {"from", {3, 7}}};
+  EXPECT_THROW(config_of(fresh), Error) << "needs init";
+  fs::remove_all(dir);
+}
+
 TEST(TrainLoop, StopsAtEvalAccuracy) {
   const fs::path full = temp_dir("stop_full"), stopped = temp_dir("stop_early");
   json j = copy_run(full, 40);

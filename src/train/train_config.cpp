@@ -82,7 +82,7 @@ json read_json(const std::string& path, const std::string& what) {
 
 std::vector<std::string> resume_sensitive_fields() {
   return {"model",     "init",        "data",      "seq_len", "batch_size", "micro_batch_size",
-          "pack_size", "cross_batch", "optimizer", "seed", "mem_query_scale"};
+          "pack_size", "cross_batch", "optimizer", "seed", "mem_query_scale", "init_copy_rows"};
 }
 
 TrainConfig TrainConfig::from_file(const std::string& path) {
@@ -260,6 +260,24 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
   f.get("mem_query_scale", c.mem_query_scale);
   if (!(c.mem_query_scale > 0) || !std::isfinite(c.mem_query_scale))
     throw Error(f.name("mem_query_scale") + ": must be a positive number");
+  if (f.has("init_copy_rows")) {
+    Fields r(f.at("init_copy_rows"), f.name("init_copy_rows"));
+    std::vector<int> rows, from;
+    r.get("rows", rows);
+    r.get("from", from);
+    r.get("noise", c.init_copy_rows.noise);
+    r.done();
+    const int V = c.model.vocab_size;
+    auto range_ok = [V](const std::vector<int>& v) { return v.size() == 2 && v[0] >= 0 && v[0] < v[1] && v[1] <= V; };
+    if (!range_ok(rows) || !range_ok(from))
+      throw Error(r.name("rows") + " and " + r.name("from") + ": expected [begin, end) token ranges within vocab_size " +
+                  std::to_string(V));
+    if (rows[0] < from[1] && from[0] < rows[1]) throw Error(r.name("rows") + ": must not overlap 'from'");
+    if (!(c.init_copy_rows.noise >= 0) || !std::isfinite(c.init_copy_rows.noise))
+      throw Error(r.name("noise") + ": must be a number >= 0");
+    if (c.init.empty()) throw Error(f.name("init_copy_rows") + ": needs 'init' (rows are copied from a trained model)");
+    c.init_copy_rows = {rows[0], rows[1], from[0], from[1], c.init_copy_rows.noise};
+  }
   f.done();
   return c;
 }

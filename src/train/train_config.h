@@ -70,6 +70,14 @@ struct TrainConfig {
   // Multiplies the memory layers' query projections once, before the first step: a softmax
   // temperature for memory attention (chosen on held-out seeds; see models/dict-recipe).
   double mem_query_scale = 1.0;
+  // "init_copy_rows": before the first step, token rows [rows_begin, rows_end) of the embedding
+  // and the LM head become copies of rows from_begin + (r - rows_begin) % (from_end - from_begin)
+  // plus N(0, noise): tokens the init never trained start from trained ones (a vocabulary
+  // expansion; the dictionary recipe widens 8 trained symbols to 64 with it). Needs "init".
+  struct CopyRows {
+    int rows_begin = 0, rows_end = 0, from_begin = 0, from_end = 0;
+    double noise = 0;
+  } init_copy_rows;
 
   static TrainConfig from_file(const std::string& path);
   // Relative paths are resolved against base_dir (the directory of the TRAIN.json file).

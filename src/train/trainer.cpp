@@ -95,6 +95,7 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
     check_same_shape(init.config, cfg_.model, cfg_.source);
     params_ = flatten(init, L);
     scale_memory_queries(&init.config);
+    copy_init_rows();
     if (cfg_.tokenizer.empty() && !init.tokenizer_path.empty()) cfg_.tokenizer = init.tokenizer_path;
   } else {
     params_ = flatten(Model::random(cfg_.model, cfg_.seed), L);
@@ -209,6 +210,29 @@ void Trainer::scale_memory_queries(const ModelConfig* init) {
     for (size_t i = 0; i < size_t(d) * d; ++i) wq[i] = float(double(wq[i]) * scale);
   }
   log("memory layers' query projections scaled by " + std::to_string(scale));
+}
+
+void Trainer::copy_init_rows() {
+  const TrainConfig::CopyRows& r = cfg_.init_copy_rows;
+  if (r.rows_end <= r.rows_begin) return;
+  const ParamLayout& L = net_.layout();
+  const size_t d = size_t(cfg_.model.hidden_size);
+  Rng rng(mix_seed(cfg_.seed, 0x636f7079ull));
+  auto gauss = [&rng] {  // Box-Muller: the same numbers on every machine
+    const double u = 1.0 - rng.uniform(), v = rng.uniform();
+    return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
+  };
+  std::vector<size_t> tables = {L.embed};
+  if (L.lm_head != L.embed) tables.push_back(L.lm_head);
+  for (size_t t : tables)
+    for (int row = r.rows_begin; row < r.rows_end; ++row) {
+      const int from = r.from_begin + (row - r.rows_begin) % (r.from_end - r.from_begin);
+      float* dst = params_.data() + t + size_t(row) * d;
+      const float* src = params_.data() + t + size_t(from) * d;
+      for (size_t j = 0; j < d; ++j) dst[j] = float(double(src[j]) + r.noise * gauss());
+    }
+  log("token rows [" + std::to_string(r.rows_begin) + ", " + std::to_string(r.rows_end) + ") copied from [" +
+      std::to_string(r.from_begin) + ", " + std::to_string(r.from_end) + ") with noise " + std::to_string(r.noise));
 }
 
 void Trainer::log(const std::string& line) const {

@@ -71,6 +71,7 @@ class Trainer {
   void build_data();
   void describe() const;
   void scale_memory_queries(const ModelConfig* init);
+  void copy_init_rows();  // init_copy_rows
   void restore(const std::string& checkpoint_dir);
   void advance_schedule(double accuracy);
   void log(const std::string& line) const;
