@@ -390,9 +390,6 @@ TEST(TrainLoop, TextDataWithTokenizer) {
   fs::remove_all(dir);
 }
 
-// eval.stop_accuracy ends a run at the first evaluation that reaches it: the same run without it
-// gives the evaluation accuracies; the stopped run ends at the first step that reached their
-// maximum, with the model saved.
 // init_copy_rows: rows [rows) of the embedding and the LM head start as the cyclically matching
 // rows of [from) plus N(0, noise) (noise 0: exact copies); every other parameter is the init's.
 TEST(TrainLoop, InitCopyRows) {
@@ -458,6 +455,9 @@ TEST(TrainLoop, InitCopyRows) {
   fs::remove_all(dir);
 }
 
+// eval.stop_accuracy ends a run at the first evaluation that reaches it: the same run without it
+// gives the evaluation accuracies; the stopped run ends at the first step that reached their
+// maximum, with the model saved.
 TEST(TrainLoop, StopsAtEvalAccuracy) {
   const fs::path full = temp_dir("stop_full"), stopped = temp_dir("stop_early");
   json j = copy_run(full, 40);
