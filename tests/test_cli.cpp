@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -152,5 +153,35 @@ TEST(Cli, ChatAnswersEveryTurnAndKeepsGoing) {
   size_t answers = 0;
   for (size_t p = r.out.find("ASSISTANT:"); p != std::string::npos; p = r.out.find("ASSISTANT:", p + 1)) ++answers;
   EXPECT_EQ(answers, 3u) << r.out;
+  fs::remove_all(dir);
+}
+
+// `bench --json` on a tiny random model: the fields, each a measured positive number, and
+// the decode fractions taken against the bandwidth probe paired with the tokens.
+TEST(Cli, BenchJson) {
+  const fs::path dir = temp_dir("bench");
+  ll::ModelConfig c;
+  c.vocab_size = 256;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.max_position_embeddings = 64;
+  c.last_context_length = 32;
+  c.mem_layers = {1};
+  std::ofstream(dir / "shape.json") << c.to_json();
+  const CliRun r = run_stdout_only("bench --random " + (dir / "shape.json").string() +
+                                   " --type f32 -p 16 -n 4 --memory-tokens 512 -t 1 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  for (const char* k : {"pp_tokens_per_s", "tg_tokens_per_s", "model_bytes", "peak_rss_bytes", "bandwidth_bytes_per_s",
+                        "bandwidth_peak_bytes_per_s", "sgemm_flops_per_s", "tg_fraction_of_bandwidth",
+                        "tg_fraction_of_peak_bandwidth"})
+    EXPECT_GT(j.at(k).get<double>(), 0.0) << k;
+  EXPECT_EQ(j["tg"].get<int>(), 4);
+  ASSERT_EQ(j["memory"].size(), 1u);
+  EXPECT_EQ(j["memory"][0]["memory_tokens"].get<int64_t>(), 512);
+  EXPECT_GT(j["memory"][0]["memory_bytes"].get<double>(), 0.0);
+  EXPECT_TRUE(std::isfinite(j["memory"][0]["extra_over_read_time"].get<double>()));
   fs::remove_all(dir);
 }
