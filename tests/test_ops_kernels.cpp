@@ -432,6 +432,40 @@ struct RefActQ8 {
   }
 };
 
+// The vectorized ll::ActQ8 against the reference, element by element: random blocks of many
+// magnitudes, an all-zero block, and blocks whose scaled values land exactly on .5 ties (amax
+// 127 gives the scale 1, so k + 0.5 stays a tie after scaling).
+TEST(ActQ8, BitExactAgainstReference) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x;
+  for (int b = 0; b < 40; ++b) {
+    const float scale = std::pow(10.0f, float(b % 9) - 4.0f);
+    for (int j = 0; j < 32; ++j) x.push_back(nd(rng) * scale);
+  }
+  for (int j = 0; j < 32; ++j) x.push_back(0.0f);
+  for (int j = 0; j < 32; ++j) x.push_back(j == 0 ? 127.0f : (j % 2 ? 1.0f : -1.0f) * (float(j) + 0.5f));
+  for (int j = 0; j < 32; ++j) x.push_back(j == 5 ? -127.0f : (j % 3 ? 0.5f : -2.5f));
+  const int64_t n = int64_t(x.size());
+  ll::ActQ8 a;
+  a.quantize(x.data(), n);
+  const RefActQ8 ref(x.data(), n);
+  ASSERT_EQ(a.q.size(), size_t(n));
+  for (int64_t b = 0; b < n / 32; ++b) {
+    EXPECT_EQ(a.d[size_t(b)], ref.s[size_t(b)]) << "block " << b;
+    int total = 0;
+    for (int j = 0; j < 32; ++j) {
+      EXPECT_EQ(int(a.q[size_t(b * 32 + j)]), ref.q[size_t(b * 32 + j)]) << "block " << b << " element " << j;
+      total += ref.q[size_t(b * 32 + j)];
+    }
+    EXPECT_EQ(a.sum[size_t(b)], total) << "block " << b;
+  }
+  // the tie blocks really hold ties: 1.5 -> 2, -2.5 -> -3, 0.5 -> 1
+  EXPECT_EQ(int(a.q[size_t(41 * 32 + 1)]), 2);
+  EXPECT_EQ(int(a.q[size_t(41 * 32 + 2)]), -3);
+  EXPECT_EQ(int(a.q[size_t(42 * 32 + 1)]), 1);
+}
+
 struct DotCheck {
   double ref = 0;    // double dot of the dequantized row with x
   double mag = 0;    // sum |w| |x|
