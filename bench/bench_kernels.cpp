@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -118,6 +119,84 @@ void BM_ReadDram(benchmark::State& st) {
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(n * sizeof(float)));
 }
 
+// Runs `sample` (which reads `bytes`) range(0) times, each between two BandwidthProbe passes, and
+// reports the kernel's share of the bandwidth of its own moment. This VM's bandwidth jumps between
+// regimes (~33 and ~55 GB/s here, for seconds to minutes), so the shares are split by the probe
+// (above or below 44 GB/s): ratio_high/ratio_low are medians, n_high/n_low the sample counts.
+template <typename F>
+void run_paired(benchmark::State& st, size_t bytes, F&& sample) {
+  BandwidthProbe probe(size_t(1) << 27);
+  std::vector<double> high, low, rates;
+  for (auto _ : st) {
+    double last = probe.pass();
+    for (int it = 0; it < int(st.range(0)); ++it) {
+      const auto t0 = std::chrono::steady_clock::now();
+      sample(it);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double next = probe.pass(), bw = 0.5 * (last + next), rate = double(bytes) / dt;
+      (bw > 44e9 ? high : low).push_back(rate / bw);
+      rates.push_back(rate);
+      last = next;
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
+  st.counters["kernel_bytes_per_second"] = median(rates);
+  st.counters["ratio_high"] = median(high);
+  st.counters["n_high"] = double(high.size());
+  st.counters["ratio_low"] = median(low);
+  st.counters["n_low"] = double(low.size());
+}
+
+// Decode-like matvec sweeps: LongLLaMA-3B's seven matrices per layer, 8 layers cycled, 4 layers
+// per sample (0.3-1 GB, so the weights come from DRAM as in a decoded token).
+void BM_DecodeSweepPaired(benchmark::State& st, DType t) {
+  std::vector<std::unique_ptr<TestMatrix>> ms;
+  for (int l = 0; l < 8; ++l) {
+    for (int i = 0; i < 4; ++i) ms.push_back(std::make_unique<TestMatrix>(t, 3200, 3200, should_group(t, 3200, 3200)));
+    for (int i = 0; i < 2; ++i) ms.push_back(std::make_unique<TestMatrix>(t, 8640, 3200, should_group(t, 8640, 3200)));
+    ms.push_back(std::make_unique<TestMatrix>(t, 3200, 8640, should_group(t, 3200, 8640)));
+  }
+  size_t layer_bytes = 0;
+  for (int i = 0; i < 7; ++i) layer_bytes += ms[size_t(i)]->bytes();
+  std::vector<float> y(8640);
+  run_paired(st, 4 * layer_bytes, [&](int it) {
+    for (int k = 0; k < 4; ++k)
+      for (int i = 0; i < 7; ++i) {
+        const TestMatrix& m = *ms[size_t(((4 * it + k) % 8) * 7 + i)];
+        matvec(m.ref, m.x.data(), y.data());
+      }
+  });
+}
+
+// The decode memory attention: 32 heads of 100 over a bf16 memory of range(1) tokens each, one
+// query per head, heads across the threads as in a memory layer (2.5 GB at 64k tokens: 3 layers).
+void BM_MemoryAttentionPaired(benchmark::State& st) {
+  const int n = int(st.range(1)), D = 100, H = 32;
+  KVMemory mem(H, D, MemDType::BF16);
+  std::vector<float> k(size_t(KVMemory::kChunkTokens) * H * D);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : k) v = nd(rng);
+  for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, H * D);
+  std::vector<float> q(size_t(H) * D, 0.1f), out(size_t(H) * D);
+  run_paired(st, mem.bytes(), [&](int) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int h = 0; h < H; ++h) {
+      HeadAttention att(q.data() + size_t(h) * D, 1, D, D);
+      for (int64_t b = 0; b < mem.size();) {
+        const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
+        att.add(blk);
+        b += blk.n;
+      }
+      att.finish(out.data() + size_t(h) * D, D);
+    }
+  });
+}
+
 // The streaming-read probe of `longllama bench` (1 GiB, best of 5), as a counter.
 void BM_ReadBandwidth(benchmark::State& st) {
   double bw = 0.0;
@@ -197,6 +276,10 @@ BENCHMARK_CAPTURE(BM_Matvec, q8_0_grouped, DType::Q8_0, true)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_rows, DType::Q4_0, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
 BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
+BENCHMARK_CAPTURE(BM_DecodeSweepPaired, f16, DType::F16)->Arg(300)->Iterations(1)->UseRealTime();
+BENCHMARK_CAPTURE(BM_DecodeSweepPaired, q8_0, DType::Q8_0)->Arg(300)->Iterations(1)->UseRealTime();
+BENCHMARK_CAPTURE(BM_DecodeSweepPaired, q4_0, DType::Q4_0)->Arg(300)->Iterations(1)->UseRealTime();
+BENCHMARK(BM_MemoryAttentionPaired)->Args({40, 65536})->Iterations(1)->UseRealTime();
 BENCHMARK(BM_ReadDram)->Args({268435456, 0})->Args({15552000, 0})->Args({15552000, 51200})->Args({55296000, 0})->Args({55296000, 409600})->UseRealTime();
 // Arg: software prefetch distance in bytes (0 = hardware prefetcher only).
 BENCHMARK_CAPTURE(BM_MatvecDram, f16_rows, DType::F16, false)->Arg(0)->Arg(1024)->UseRealTime();
