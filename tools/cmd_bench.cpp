@@ -44,28 +44,41 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Decoding n tokens one at a time from the session's current state, each token timed on its own
-// between two probe passes, so a token is compared with the bandwidth of its own moment.
+// Decoding n tokens one at a time in each of the sessions, taking turns (a token of the first, a
+// token of the second, ...), each token timed on its own between two probe passes, so that tokens
+// are compared with the bandwidth of their own moment and the sessions with each other in the
+// same moments.
 struct DecodeTiming {
-  double tokens_per_s = 0.0;      // n / summed token time (probe passes not counted)
-  double probe_median = 0.0;      // bytes/s, median of the probe passes
-  double equivalent_bytes = 0.0;  // median over tokens of seconds x mean of the two adjacent passes
+  double tokens_per_s = 0.0;       // n / summed token time (probe passes not counted)
+  double probe_median = 0.0;       // bytes/s, median of the passes around this session's tokens
+  std::vector<double> seconds;     // per token
+  std::vector<double> equivalent;  // per token: seconds x mean of the two adjacent passes (bytes)
 };
 
-DecodeTiming decode_paired(ll::Session& s, int n, int vocab, ll::BandwidthProbe& probe) {
+std::vector<DecodeTiming> decode_paired(const std::vector<ll::Session*>& sessions, int n, int vocab,
+                                        ll::BandwidthProbe& probe) {
   const std::vector<int> ids = random_ids(n + 1, vocab, 7);
-  s.forward({ids[0]}, true, ll::LogitsWanted::Last);  // warm-up step, not timed
-  std::vector<double> passes{probe.pass()}, equivalent;
-  double total = 0.0;
-  for (int i = 1; i <= n; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    s.forward({ids[i]}, true, ll::LogitsWanted::Last);
-    const double dt = seconds_since(t0);
-    passes.push_back(probe.pass());
-    equivalent.push_back(dt * 0.5 * (passes[passes.size() - 2] + passes.back()));
-    total += dt;
+  for (ll::Session* s : sessions) s->forward({ids[0]}, true, ll::LogitsWanted::Last);  // warm-up, not timed
+  std::vector<DecodeTiming> out(sessions.size());
+  std::vector<std::vector<double>> passes(sessions.size());
+  double last = probe.pass();
+  for (int i = 1; i <= n; ++i)
+    for (size_t k = 0; k < sessions.size(); ++k) {
+      const auto t0 = std::chrono::steady_clock::now();
+      sessions[k]->forward({ids[i]}, true, ll::LogitsWanted::Last);
+      const double dt = seconds_since(t0), next = probe.pass();
+      out[k].seconds.push_back(dt);
+      out[k].equivalent.push_back(dt * 0.5 * (last + next));
+      passes[k].push_back(next);
+      last = next;
+    }
+  for (size_t k = 0; k < sessions.size(); ++k) {
+    double total = 0.0;
+    for (double dt : out[k].seconds) total += dt;
+    out[k].tokens_per_s = n / total;
+    out[k].probe_median = median(passes[k]);
   }
-  return {n / total, median(passes), median(equivalent)};
+  return out;
 }
 
 int run_bench(const BenchArgs& a) {
@@ -112,7 +125,7 @@ int run_bench(const BenchArgs& a) {
   DecodeTiming tg;
   {
     ll::Session s(w);
-    tg = decode_paired(s, a.tg, c.vocab_size, probe);
+    tg = decode_paired({&s}, a.tg, c.vocab_size, probe)[0];
   }
   const double tg_rate = tg.tokens_per_s;
 
@@ -120,19 +133,27 @@ int run_bench(const BenchArgs& a) {
   for (int64_t m : a.memory_tokens) {
     if (c.mem_layers.empty()) throw ll::Error("bench: --memory-tokens needs a model with memory layers");
     std::fprintf(stderr, "bench: tg%d with %lld tokens in memory...\n", a.tg, (long long)m);
-    ll::Session s(w);
+    // An empty session and one with m memory tokens take turns, so each token with memory has a
+    // token without it from the same moment: their difference, as the bytes the probe streams in
+    // that time, over the bytes of the memory's keys and values is the ratio the target bounds
+    // (1 = exactly one read of them at the bandwidth of the moment).
+    ll::Session empty(w), s(w);
     s.fill_memory_random(m, 3);
-    const DecodeTiming t = decode_paired(s, a.tg, c.vocab_size, probe);
-    const double extra_s = 1.0 / t.tokens_per_s - 1.0 / tg_rate;
-    // Paired: the extra time per token, as the bytes the probe streams in it, over the bytes of
-    // the memory's keys and values (1 = exactly one read of them at the bandwidth of the moment).
+    const auto both = decode_paired({&empty, &s}, a.tg, c.vocab_size, probe);
+    const DecodeTiming& t = both[1];
+    std::vector<double> extra_eq, extra_dt;
+    for (int i = 0; i < a.tg; ++i) {
+      extra_eq.push_back(t.equivalent[i] - both[0].equivalent[i]);
+      extra_dt.push_back(t.seconds[i] - both[0].seconds[i]);
+    }
+    const double extra_s = median(extra_dt);
     const double memory_bytes = double(s.memory_bytes());
     mem_rows.push_back({{"memory_tokens", m},
                         {"tg_tokens_per_s", t.tokens_per_s},
                         {"memory_bytes", memory_bytes},
                         {"extra_seconds_per_token", extra_s},
                         {"probe_median_bytes_per_s", t.probe_median},
-                        {"extra_over_read_time", (t.equivalent_bytes - tg.equivalent_bytes) / memory_bytes}});
+                        {"extra_over_read_time", median(extra_eq) / memory_bytes}});
   }
 
   const double bw_after = ll::measure_read_bandwidth();
@@ -158,7 +179,7 @@ int run_bench(const BenchArgs& a) {
                       {"pp_fraction_of_sgemm", pp_flops / sgemm},
                       {"tg_tokens_per_s", tg_rate},
                       {"tg_bytes_per_s", tg_bw},
-                      {"tg_fraction_of_bandwidth", double(decode_bytes) / tg.equivalent_bytes},
+                      {"tg_fraction_of_bandwidth", double(decode_bytes) / median(tg.equivalent)},
                       {"tg_fraction_of_peak_bandwidth", tg_bw / peak},
                       {"memory", mem_rows},
                       {"peak_rss_bytes", rss},
