@@ -31,10 +31,10 @@ fs::path temp_dir(const std::string& name) {
   return p;
 }
 
-// A small random model with the real OpenLLaMA tokenizer, made through the CLI.
-fs::path make_random_model(const fs::path& dir) {
+// A tiny shape with one memory layer, written to dir/shape.json.
+fs::path write_tiny_shape(const fs::path& dir, int vocab) {
   ll::ModelConfig c;
-  c.vocab_size = 32000;
+  c.vocab_size = vocab;
   c.hidden_size = 32;
   c.intermediate_size = 48;
   c.num_hidden_layers = 2;
@@ -43,6 +43,12 @@ fs::path make_random_model(const fs::path& dir) {
   c.last_context_length = 32;
   c.mem_layers = {1};
   std::ofstream(dir / "shape.json") << c.to_json();
+  return dir / "shape.json";
+}
+
+// A small random model with the real OpenLLaMA tokenizer, made through the CLI.
+fs::path make_random_model(const fs::path& dir) {
+  write_tiny_shape(dir, 32000);
   const CliRun r = run("init-random --config " + (dir / "shape.json").string() + " --seed 3 -o " +
                     (dir / "model").string() + " --tokenizer " + kTok.string());
   EXPECT_EQ(r.code, 0) << r.out;
@@ -160,17 +166,7 @@ TEST(Cli, ChatAnswersEveryTurnAndKeepsGoing) {
 // the decode fractions taken against the bandwidth probe paired with the tokens.
 TEST(Cli, BenchJson) {
   const fs::path dir = temp_dir("bench");
-  ll::ModelConfig c;
-  c.vocab_size = 256;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.max_position_embeddings = 64;
-  c.last_context_length = 32;
-  c.mem_layers = {1};
-  std::ofstream(dir / "shape.json") << c.to_json();
-  const CliRun r = run_stdout_only("bench --random " + (dir / "shape.json").string() +
+  const CliRun r = run_stdout_only("bench --random " + write_tiny_shape(dir, 256).string() +
                                    " --type f32 -p 16 -n 4 --memory-tokens 512 -t 1 --json");
   ASSERT_EQ(r.code, 0) << r.out;
   const auto j = nlohmann::json::parse(r.out);
