@@ -3,6 +3,7 @@
 //   build/bench/bench_kernels --benchmark_filter=Matvec
 #include <benchmark/benchmark.h>
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
@@ -140,6 +141,36 @@ void BM_DecodeSweepPaired(benchmark::State& st, DType t) {
   });
 }
 
+// The decode memory attention as Session::attention runs it: a range of heads per thread, chunk by
+// chunk, all their keys and then all their values. `read_only`: just read those bytes in that order.
+void memory_attention_ranges(const KVMemory& mem, const float* q, float* out, int H, int D, bool read_only = false) {
+#pragma omp parallel
+  {
+    const int T = omp_get_num_threads(), t = omp_get_thread_num(), h0 = H * t / T, h1 = H * (t + 1) / T;
+    std::vector<HeadAttention> att;
+    for (int h = h0; h < h1; ++h) att.emplace_back(q + size_t(h) * D, 1, D, D);
+    uint64_t sum = 0;
+    auto read = [&](const void* p, int rows) {
+      const auto* w = static_cast<const uint64_t*>(p);
+      for (size_t o = 0; o < size_t(rows) * D * 2 / 8; ++o) sum += w[o];
+    };
+    for (int64_t b = 0; b < mem.size(); b += KVMemory::kChunkTokens) {
+      for (int h = h0; h < h1; ++h) {
+        const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
+        if (read_only) read(blk.k, blk.n);
+        else att[size_t(h - h0)].add_keys(blk);
+      }
+      for (int h = h0; h < h1; ++h) {
+        const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
+        if (read_only) read(blk.v, blk.n);
+        else att[size_t(h - h0)].add_values(blk);
+      }
+    }
+    for (int h = h0; h < h1; ++h) att[size_t(h - h0)].finish(out + size_t(h) * D, D);
+    benchmark::DoNotOptimize(sum);
+  }
+}
+
 // The decode memory attention: 32 heads of 100 over a bf16 memory of range(1) tokens each, one
 // query per head, heads across the threads as in a memory layer (2.5 GB at 64k tokens: 3 layers).
 void BM_MemoryAttentionPaired(benchmark::State& st) {
@@ -151,18 +182,80 @@ void BM_MemoryAttentionPaired(benchmark::State& st) {
   for (float& v : k) v = nd(rng);
   for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, H * D);
   std::vector<float> q(size_t(H) * D, 0.1f), out(size_t(H) * D);
-  run_paired(st, mem.bytes(), [&](int) {
+  run_paired(st, mem.bytes(), [&](int) { memory_attention_ranges(mem, q.data(), out.data(), H, D); });
+}
+
+// The order in which the decode memory attention reads a 32-head bf16 memory (64k tokens), the
+// variants taking turns sample by sample so that each sees both bandwidth regimes (shares of the
+// probe around each sample, medians; hi_/lo_ = above/below 44 GB/s):
+//   heads:      one head at a time (a task per head), add() per chunk: 200 KB runs 6.5 MB apart;
+//   ranges:     a range of heads per thread, chunk by chunk, all keys then all values (Session);
+//   ranges_no_prefetch: the same without the kernel's software prefetch;
+//   read_heads / read_ranges: only reading the same bytes in those two orders.
+void BM_MemoryAttentionOrder(benchmark::State& st) {
+  const int n = 65536, D = 100, H = 32;
+  const std::vector<std::string> names = {"heads", "ranges", "ranges_no_prefetch", "read_heads", "read_ranges"};
+  KVMemory mem(H, D, MemDType::BF16);
+  std::vector<float> k(size_t(KVMemory::kChunkTokens) * H * D);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : k) v = nd(rng);
+  for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, H * D);
+  std::vector<float> q(size_t(H) * D, 0.1f), out(size_t(H) * D);
+  auto read = [&](const void* p, size_t bytes) {
+    const auto* w = static_cast<const uint64_t*>(p);
+    uint64_t sum = 0;
+    for (size_t o = 0; o < bytes / 8; ++o) sum += w[o];
+    benchmark::DoNotOptimize(sum);
+  };
+  const size_t row_bytes = size_t(D) * 2;
+  auto run = [&](size_t v) {
+    const int saved = HeadAttention::prefetch_bytes;
+    if (v == 2) HeadAttention::prefetch_bytes = 0;
+    if (v == 0 || v == 3) {
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int h = 0; h < H; ++h) {
-      HeadAttention att(q.data() + size_t(h) * D, 1, D, D);
-      for (int64_t b = 0; b < mem.size();) {
-        const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
-        att.add(blk);
-        b += blk.n;
+      for (int h = 0; h < H; ++h) {
+        HeadAttention att(q.data() + size_t(h) * D, 1, D, D);
+        for (int64_t b = 0; b < mem.size();) {
+          const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
+          if (v == 0) {
+            att.add(blk);
+          } else {
+            read(blk.k, size_t(blk.n) * row_bytes);
+            read(blk.v, size_t(blk.n) * row_bytes);
+          }
+          b += blk.n;
+        }
+        att.finish(out.data() + size_t(h) * D, D);
       }
-      att.finish(out.data() + size_t(h) * D, D);
+    } else {
+      memory_attention_ranges(mem, q.data(), out.data(), H, D, v == 4);
     }
-  });
+    HeadAttention::prefetch_bytes = saved;
+  };
+  BandwidthProbe probe(size_t(1) << 27);
+  std::vector<std::vector<double>> high(names.size()), low(names.size());
+  for (auto _ : st) {
+    double last = probe.pass();
+    for (int it = 0; it < int(st.range(0)); ++it) {
+      const size_t v = size_t(it) % names.size();
+      const auto t0 = std::chrono::steady_clock::now();
+      run(v);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double next = probe.pass(), bw = 0.5 * (last + next);
+      (bw > 44e9 ? high : low)[v].push_back(double(mem.bytes()) / dt / bw);
+      last = next;
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
+  for (size_t v = 0; v < names.size(); ++v) {
+    st.counters["hi_" + names[v]] = median(high[v]);
+    st.counters["lo_" + names[v]] = median(low[v]);
+  }
 }
 
 // The streaming-read probe of `longllama bench` (1 GiB, best of 5), as a counter.
@@ -202,7 +295,7 @@ void BM_Matmul(benchmark::State& st, DType t) {
 // 64k tokens of one head mostly fit the L3 cache, 256k do not), vs the library path (convert to f32,
 // then sgemv for the scores and for the weighted values).
 void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool bf16_kernel = true,
-                        int prefetch_bytes = 8192) {
+                        int prefetch_bytes = 4096) {
   HeadAttention::bf16_kernel = bf16_kernel;
   HeadAttention::prefetch_bytes = prefetch_bytes;
   const int n = int(st.range(0)), D = 100;
@@ -248,6 +341,7 @@ BENCHMARK_CAPTURE(BM_DecodeSweepPaired, f16, DType::F16)->Arg(300)->Iterations(1
 BENCHMARK_CAPTURE(BM_DecodeSweepPaired, q8_0, DType::Q8_0)->Arg(300)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_DecodeSweepPaired, q4_0, DType::Q4_0)->Arg(300)->Iterations(1)->UseRealTime();
 BENCHMARK(BM_MemoryAttentionPaired)->Args({40, 65536})->Iterations(1)->UseRealTime();
+BENCHMARK(BM_MemoryAttentionOrder)->Arg(100)->Iterations(1)->UseRealTime();
 BENCHMARK(BM_ReadDram)->Arg(15552000)->Arg(55296000)->Arg(268435456)->UseRealTime();
 // Arg: software prefetch distance in bytes (0 = hardware prefetcher only).
 BENCHMARK_CAPTURE(BM_MatvecDram, f16_rows, DType::F16, false)->Arg(0)->Arg(1024)->UseRealTime();
@@ -259,8 +353,8 @@ BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
 // Args: memory tokens, keys per block (the session uses 1024).
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Args({65536, 1024})->Args({262144, 1024})->Args({262144, 256})->UseRealTime();
-BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->Args({262144, 256})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16, false)->Args({65536, 1024})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Args({65536, 1024})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();

@@ -37,7 +37,7 @@ TEST(AttentionBf16Kernel, EveryTailAndRowCountAgainstDouble) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (bool kernel : {true, false}) {
     ll::HeadAttention::bf16_kernel = kernel;
-    for (int D : {2, 4, 16, 30, 32, 34, 64, 72, 80, 96, 100, 126, 128, 130})
+    for (int D : {2, 4, 6, 10, 16, 24, 30, 32, 34, 48, 64, 72, 80, 96, 100, 126, 128, 130})
       for (int n : {1, 3, 4, 5, 8, 9, 300}) {
         std::vector<float> q(static_cast<size_t>(D));
         for (auto& x : q) x = nd(rng);

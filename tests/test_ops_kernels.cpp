@@ -893,6 +893,38 @@ TEST(HeadAttentionKernel, NoMaskSingleTypeBlocks) {
     }
 }
 
+// add_keys + add_values (the decode memory order of Session::attention: several heads' keys of a
+// chunk before their values) compute exactly what add() does, for every stored type and with
+// causal limits; and add_values refuses a block that add_keys did not score.
+TEST(HeadAttentionKernel, TwoPassesEqualAddBitForBit) {
+  std::mt19937_64 rng(171);
+  for (int D : {64, 100})
+    for (int nq : {1, 5})
+      for (int type0 = 0; type0 < 3; ++type0) {
+        const auto q = uniform_vec(rng, size_t(nq) * D, -3.0f, 3.0f);
+        const auto blocks = make_layout(rng, nq, D, type0);
+        const auto want = run_head_attention(q, nq, D, D, blocks, D);
+        ll::HeadAttention att(q.data(), nq, D, D);
+        for (const auto& b : blocks) {
+          const int* limit = b.limit.empty() ? nullptr : b.limit.data();
+          att.add_keys(b.kv(), limit);
+          att.add_values(b.kv(), limit);
+        }
+        std::vector<float> got(size_t(nq) * D, -555.0f);
+        att.finish(got.data(), D);
+        for (size_t i = 0; i < got.size(); ++i)
+          ASSERT_EQ(got[i], want[i]) << "D " << D << " nq " << nq << " types from " << type0 << " at " << i;
+      }
+  const std::vector<float> q(64, 0.5f);
+  ll::HeadAttention att(q.data(), 1, 64, 64);
+  const AttnBlock a = make_attn_block(rng, DType::F32, 8, 64), b = make_attn_block(rng, DType::F32, 9, 64);
+  att.add_keys(a.kv());
+  EXPECT_THROW(att.add_values(b.kv()), ll::Error);
+  const std::vector<float> q16(16 * 64, 0.5f);
+  ll::HeadAttention many(q16.data(), 16, 64, 64);
+  EXPECT_THROW(many.add_keys(a.kv()), ll::Error);
+}
+
 // Scores in the hundreds: the softmax is nearly an argmax and the running max changes between
 // blocks; a naive exp would overflow.
 TEST(HeadAttentionKernel, LargeScoreMagnitudes) {

@@ -13,6 +13,7 @@
 #include "ops/matmul.h"
 #include "ops/quant.h"
 #include "ops/simd.h"
+#include "util/error.h"
 #include "util/half.h"
 
 namespace hn = hwy::HWY_NAMESPACE;
@@ -120,11 +121,14 @@ void accumulate_rows(float* acc, const float* p, const T* V, int n, int D) {
   }
 }
 
-// One query over n key/value rows. Int8 rows come with per-row scales: a key's scale multiplies
-// its score, a value's scale its softmax weight (p2 holds the scaled weights).
+// One query over n key/value rows, in two phases so that a caller can score the keys of several
+// heads before it reads their values (HeadAttention::add_keys / add_values). Int8 rows come with
+// per-row scales: a key's scale multiplies its score, a value's scale its softmax weight (p2
+// holds the scaled weights).
+// Phase 1: s = exp(score - new max); returns the factor that rescales the old accumulator.
 template <typename T>
-void fused_query(const float* qi, const T* K, const T* V, int n, int D, float sqrt_d, float* s, float& max, float& sum,
-                 float* acc, const float* k_scale = nullptr, const float* v_scale = nullptr, float* p2 = nullptr) {
+float fused_keys(const float* qi, const T* K, int n, int D, float sqrt_d, float* s, float& max, float& sum,
+                 const float* k_scale = nullptr) {
   score_rows(qi, K, n, D, sqrt_d, s);
   if (k_scale)
     for (int j = 0; j < n; ++j) s[j] *= k_scale[j];
@@ -133,6 +137,14 @@ void fused_query(const float* qi, const T* K, const T* V, int n, int D, float sq
   const float m = std::max(max, bmax);
   const float rescale = std::exp(max - m);
   sum = sum * rescale + exp_shift_sum(s, n, m);
+  max = m;
+  return rescale;
+}
+
+// Phase 2: acc = acc * rescale + Σ_j s[j] · V[j].
+template <typename T>
+void fused_values(const float* s, float rescale, const T* V, int n, int D, float* acc, const float* v_scale = nullptr,
+                  float* p2 = nullptr) {
   scale_row(acc, D, rescale);
   if (v_scale) {
     for (int j = 0; j < n; ++j) p2[j] = s[j] * v_scale[j];
@@ -140,7 +152,6 @@ void fused_query(const float* qi, const T* K, const T* V, int n, int D, float sq
   } else {
     accumulate_rows(acc, s, V, n, D);
   }
-  max = m;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -150,52 +161,140 @@ void fused_query(const float* qi, const T* K, const T* V, int n, int D, float sq
 // Decoding over bf16 memory (the hot loop at long context). A bf16 row read as 32-bit lanes has
 // element 2i in the low half of lane i and element 2i+1 in the high half, so (lane << 16) and
 // (lane & 0xffff0000) are the even and odd elements as float32: one load and two integer ops per
-// 32 elements, no shuffles. The query and the accumulator are kept split the same way; rows
-// are read in chunks of 32 elements (the last one masked, so a head of 100 reads 100).
-template <int C>  // chunks of 32 elements, C * 32 >= D
+// 32 elements, no shuffles. The query and the accumulator are kept split the same way.
+// A row is CF full chunks of 32 elements, then a tail of `tl` lanes (2 elements each) held in a
+// vector of TW lanes (xmm, ymm or zmm): a head of 100 is 3 chunks and a 4-lane xmm tail, so the
+// last 4 elements cost 128-bit ops instead of a whole 512-bit chunk. Everything that depends on
+// the tail is fixed outside the row loops: a per-row branch on it made GCC keep the accumulators
+// on the stack (the value loop ran at half speed).
+template <int TW>
+struct Bf16Tail;
+template <>
+struct Bf16Tail<4> {
+  using F = __m128;
+  using I = __m128i;
+  static I load(const uint16_t* p, int tl, __mmask16 m) {
+    if (tl == 2) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));  // exactly 4 elements
+    if (tl == 4) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm_maskz_loadu_epi32(__mmask8(m), p);  // masked loads are slow on AMD: odd tails only
+  }
+  static F zero() { return _mm_setzero_ps(); }
+  static F even(I v) { return _mm_castsi128_ps(_mm_slli_epi32(v, 16)); }
+  static F odd(I v) { return _mm_castsi128_ps(_mm_and_si128(v, _mm_set1_epi32(int(0xffff0000u)))); }
+  static F fma(F a, F b, F c) { return _mm_fmadd_ps(a, b, c); }
+  static F set1(float x) { return _mm_set1_ps(x); }
+  static F loadf(const float* p) { return _mm_load_ps(p); }
+  static void storef(float* p, F v) { _mm_store_ps(p, v); }
+  static __m512 widen(F v) { return _mm512_zextps128_ps512(v); }
+};
+template <>
+struct Bf16Tail<8> {
+  using F = __m256;
+  using I = __m256i;
+  static I load(const uint16_t* p, int tl, __mmask16 m) {
+    if (tl == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_maskz_loadu_epi32(__mmask8(m), p);
+  }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F even(I v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+  static F odd(I v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u)))); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F loadf(const float* p) { return _mm256_load_ps(p); }
+  static void storef(float* p, F v) { _mm256_store_ps(p, v); }
+  static __m512 widen(F v) { return _mm512_zextps256_ps512(v); }
+};
+template <>
+struct Bf16Tail<16> {
+  using F = __m512;
+  using I = __m512i;
+  static I load(const uint16_t* p, int, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }  // 9..15 lanes
+  static F zero() { return _mm512_setzero_ps(); }
+  static F even(I v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+  static F odd(I v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u)))); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F loadf(const float* p) { return _mm512_load_ps(p); }
+  static void storef(float* p, F v) { _mm512_store_ps(p, v); }
+  static __m512 widen(F v) { return v; }
+};
+template <>
+struct Bf16Tail<0> : Bf16Tail<4> {};  // no tail: never called
+
+template <int CF, int TW>
 struct Bf16Head {
-  __m512 qe[C], qo[C];
-  __mmask16 mask[C];
-  int D;
-  explicit Bf16Head(const float* q, int d) : D(d) {
-    for (int c = 0; c < C; ++c) {
-      alignas(64) float e[16], o[16];
+  using T = Bf16Tail<TW>;
+  __m512 qe[CF + 1], qo[CF + 1];  // + 1: CF may be 0
+  typename T::F te, to;
+  int D, tl;
+  __mmask16 tmask;
+
+  // Splits x[0..D) into even/odd float vectors per chunk and for the tail (scaled by f).
+  void split(const float* x, float f, __m512* e, __m512* o, typename T::F* tel, typename T::F* tol) const {
+    for (int c = 0; c < CF; ++c) {
+      alignas(64) float ev[16], od[16];
       for (int i = 0; i < 16; ++i) {
-        const int k = c * 32 + 2 * i;
-        e[i] = k < D ? q[k] : 0.0f;
-        o[i] = k + 1 < D ? q[k + 1] : 0.0f;
+        ev[i] = x[c * 32 + 2 * i] * f;
+        od[i] = x[c * 32 + 2 * i + 1] * f;
       }
-      qe[c] = _mm512_load_ps(e);
-      qo[c] = _mm512_load_ps(o);
-      const int lanes = std::clamp((D - c * 32) / 2, 0, 16);
-      mask[c] = __mmask16(lanes == 16 ? 0xffff : (1u << lanes) - 1);
+      e[c] = _mm512_load_ps(ev);
+      o[c] = _mm512_load_ps(od);
+    }
+    if constexpr (TW > 0) {
+      alignas(64) float ev[16] = {}, od[16] = {};
+      for (int i = 0; i < tl; ++i) {
+        ev[i] = x[CF * 32 + 2 * i] * f;
+        od[i] = x[CF * 32 + 2 * i + 1] * f;
+      }
+      *tel = T::loadf(ev);
+      *tol = T::loadf(od);
     }
   }
-  // Only the last chunk can be partial. Masked loads cost several times a plain one on the AMD
-  // CPU this was tuned on, so the common tails (4, 8 or 16 elements: heads of 100, 72, 80) use
-  // plain loads of exactly their size.
-  __m512i load(const uint16_t* row, int c) const {
-    const uint16_t* p = row + c * 32;
-    if (c + 1 < C || mask[c] == 0xffff) return _mm512_loadu_si512(p);
-    switch (mask[c]) {
-      case 0x3: return _mm512_zextsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-      case 0xf: return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      case 0xff: return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      default: return _mm512_maskz_loadu_epi32(mask[c], p);
+  // The inverse of split.
+  void merge(const __m512* e, const __m512* o, typename T::F tel, typename T::F tol, float* x) const {
+    for (int c = 0; c < CF; ++c) {
+      alignas(64) float ev[16], od[16];
+      _mm512_store_ps(ev, e[c]);
+      _mm512_store_ps(od, o[c]);
+      for (int i = 0; i < 16; ++i) {
+        x[c * 32 + 2 * i] = ev[i];
+        x[c * 32 + 2 * i + 1] = od[i];
+      }
+    }
+    if constexpr (TW > 0) {
+      alignas(64) float ev[16], od[16];
+      T::storef(ev, tel);
+      T::storef(od, tol);
+      for (int i = 0; i < tl; ++i) {
+        x[CF * 32 + 2 * i] = ev[i];
+        x[CF * 32 + 2 * i + 1] = od[i];
+      }
     }
   }
+
+  explicit Bf16Head(int d) : D(d), tl((d - 32 * CF) / 2), tmask(__mmask16((1u << tl) - 1)) {}
+  Bf16Head(const float* q, int d) : Bf16Head(d) { split(q, 1.0f, qe, qo, &te, &to); }
   static __m512 even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
   static __m512 odd(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u)))); }
+  static __m512i chunk(const uint16_t* row, int c) { return _mm512_loadu_si512(row + c * 32); }
+  // The tail's dot product with the query, in the low lanes of a zmm.
+  __m512 tail_dot(const uint16_t* row) const {
+    const auto t = T::load(row + CF * 32, tl, tmask);
+    return T::widen(T::fma(T::odd(t), to, T::fma(T::even(t), te, T::zero())));
+  }
 
-  // s[j] = (q · K[j]) / sqrt_d; four rows at a time, their sums reduced together.
-  void scores(const uint16_t* K, int n, float sqrt_d, float* s) const {
+  // s[j] = (q · K[j]) / sqrt_d, four rows at a time, their sums reduced together; returns the
+  // largest (a scalar max loop after it would not vectorize: NaN rules).
+  float scores(const uint16_t* K, int n, float sqrt_d, float* s) const {
     int j = 0;
+    __m128 vmax = _mm_set1_ps(-INFINITY);
     for (; j + 4 <= n; j += 4) {
       const uint16_t* k0 = K + size_t(j) * D;
+      const uint16_t *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
       prefetch_ahead(k0, 8 * D);
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      for (int c = 0; c < C; ++c) {
-        const __m512i v0 = load(k0, c), v1 = load(k0 + D, c), v2 = load(k0 + 2 * D, c), v3 = load(k0 + 3 * D, c);
+      for (int c = 0; c < CF; ++c) {
+        const __m512i v0 = chunk(k0, c), v1 = chunk(k1, c), v2 = chunk(k2, c), v3 = chunk(k3, c);
         a0 = _mm512_fmadd_ps(even(v0), qe[c], a0);
         b0 = _mm512_fmadd_ps(odd(v0), qo[c], b0);
         a1 = _mm512_fmadd_ps(even(v1), qe[c], a1);
@@ -209,87 +308,101 @@ struct Bf16Head {
       a1 = _mm512_add_ps(a1, b1);
       a2 = _mm512_add_ps(a2, b2);
       a3 = _mm512_add_ps(a3, b3);
+      if constexpr (TW > 0) {
+        a0 = _mm512_add_ps(a0, tail_dot(k0));
+        a1 = _mm512_add_ps(a1, tail_dot(k1));
+        a2 = _mm512_add_ps(a2, tail_dot(k2));
+        a3 = _mm512_add_ps(a3, tail_dot(k3));
+      }
       // 4x16 -> 4 sums: pairwise interleaves, then the four 128-bit lanes
       const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
       const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
       const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xee));
       const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
       const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-      _mm_storeu_ps(s + j, _mm_div_ps(r, _mm_set1_ps(sqrt_d)));
+      const __m128 sj = _mm_div_ps(r, _mm_set1_ps(sqrt_d));
+      _mm_storeu_ps(s + j, sj);
+      vmax = _mm_max_ps(vmax, sj);
     }
+    alignas(16) float m4[4];
+    _mm_store_ps(m4, vmax);
+    float m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
     for (; j < n; ++j) {
       const uint16_t* k0 = K + size_t(j) * D;
       __m512 a0 = _mm512_setzero_ps();
-      for (int c = 0; c < C; ++c) {
-        const __m512i v0 = load(k0, c);
+      for (int c = 0; c < CF; ++c) {
+        const __m512i v0 = chunk(k0, c);
         a0 = _mm512_fmadd_ps(odd(v0), qo[c], _mm512_fmadd_ps(even(v0), qe[c], a0));
       }
+      if constexpr (TW > 0) a0 = _mm512_add_ps(a0, tail_dot(k0));
       s[j] = _mm512_reduce_add_ps(a0) / sqrt_d;
+      m = std::max(m, s[j]);
     }
+    return m;
   }
 
   // acc = acc * rescale + Σ_j p[j] · V[j], the accumulator split even/odd in registers.
   void accumulate(float* acc, float rescale, const float* p, const uint16_t* V, int n) const {
-    __m512 ae[C], ao[C];
-    for (int c = 0; c < C; ++c) {
-      alignas(64) float e[16], o[16];
-      for (int i = 0; i < 16; ++i) {
-        const int k = c * 32 + 2 * i;
-        e[i] = k < D ? acc[k] * rescale : 0.0f;
-        o[i] = k + 1 < D ? acc[k + 1] * rescale : 0.0f;
-      }
-      ae[c] = _mm512_load_ps(e);
-      ao[c] = _mm512_load_ps(o);
-    }
+    __m512 ae[CF + 1], ao[CF + 1];
+    typename T::F tae = T::zero(), tao = T::zero();
+    split(acc, rescale, ae, ao, &tae, &tao);
     for (int j = 0; j < n; ++j) {
       const uint16_t* v = V + size_t(j) * D;
       prefetch_ahead(v, 2 * D);
       const __m512 pj = _mm512_set1_ps(p[j]);
-      for (int c = 0; c < C; ++c) {
-        const __m512i x = load(v, c);
+      for (int c = 0; c < CF; ++c) {
+        const __m512i x = chunk(v, c);
         ae[c] = _mm512_fmadd_ps(pj, even(x), ae[c]);
         ao[c] = _mm512_fmadd_ps(pj, odd(x), ao[c]);
       }
-    }
-    for (int c = 0; c < C; ++c) {
-      alignas(64) float e[16], o[16];
-      _mm512_store_ps(e, ae[c]);
-      _mm512_store_ps(o, ao[c]);
-      for (int i = 0; i < 16; ++i) {
-        const int k = c * 32 + 2 * i;
-        if (k < D) acc[k] = e[i];
-        if (k + 1 < D) acc[k + 1] = o[i];
+      if constexpr (TW > 0) {
+        const auto x = T::load(v + CF * 32, tl, tmask);
+        const auto pt = T::set1(p[j]);
+        tae = T::fma(pt, T::even(x), tae);
+        tao = T::fma(pt, T::odd(x), tao);
       }
     }
+    merge(ae, ao, tae, tao, acc);
   }
 };
 
-template <int C>
-void fused_query_bf16(const float* qi, const uint16_t* K, const uint16_t* V, int n, int D, float sqrt_d, float* s,
-                      float& max, float& sum, float* acc) {
-  const Bf16Head<C> head(qi, D);
-  head.scores(K, n, sqrt_d, s);
-  float bmax = -INFINITY;
-  for (int j = 0; j < n; ++j) bmax = std::max(bmax, s[j]);
-  const float m = std::max(max, bmax);
+template <int CF, int TW>
+float bf16_keys(const float* qi, const uint16_t* K, int n, int D, float sqrt_d, float* s, float& max, float& sum) {
+  const Bf16Head<CF, TW> head(qi, D);
+  const float m = std::max(max, head.scores(K, n, sqrt_d, s));
   const float rescale = std::exp(max - m);
   sum = sum * rescale + exp_shift_sum(s, n, m);
-  head.accumulate(acc, rescale, s, V, n);
   max = m;
+  return rescale;
 }
 
-// True when the bf16 kernel above took the query (even head sizes up to 128).
-bool fused_query_bf16_any(const float* qi, const void* K, const void* V, int n, int D, float sqrt_d, float* s,
-                          float& max, float& sum, float* acc) {
+template <int CF, int TW>
+void bf16_values(const float* s, float rescale, const uint16_t* V, int n, int D, float* acc) {
+  const Bf16Head<CF, TW> head(D);  // the shape only: no query
+  head.accumulate(acc, rescale, s, V, n);
+}
+
+// The kernel's instantiation for a head size: full 32-element chunks and the tail's vector width.
+// Returns false for head sizes it does not take (odd, or over 128).
+template <typename F>
+bool with_bf16_shape(int D, F&& f) {
   if (D % 2 != 0 || D > 128) return false;
-  const auto* k = static_cast<const uint16_t*>(K);
-  const auto* v = static_cast<const uint16_t*>(V);
-  switch ((D + 31) / 32) {
-    case 1: fused_query_bf16<1>(qi, k, v, n, D, sqrt_d, s, max, sum, acc); return true;
-    case 2: fused_query_bf16<2>(qi, k, v, n, D, sqrt_d, s, max, sum, acc); return true;
-    case 3: fused_query_bf16<3>(qi, k, v, n, D, sqrt_d, s, max, sum, acc); return true;
-    default: fused_query_bf16<4>(qi, k, v, n, D, sqrt_d, s, max, sum, acc); return true;
+  const int tl = (D % 32) / 2;
+  auto tail = [&](auto cf) {
+    constexpr int CF = decltype(cf)::value;
+    if (tl == 0) f(std::integral_constant<int, CF>{}, std::integral_constant<int, 0>{});
+    else if (tl <= 4) f(std::integral_constant<int, CF>{}, std::integral_constant<int, 4>{});
+    else if (tl <= 8) f(std::integral_constant<int, CF>{}, std::integral_constant<int, 8>{});
+    else f(std::integral_constant<int, CF>{}, std::integral_constant<int, 16>{});
+  };
+  switch (D / 32) {
+    case 0: tail(std::integral_constant<int, 0>{}); break;
+    case 1: tail(std::integral_constant<int, 1>{}); break;
+    case 2: tail(std::integral_constant<int, 2>{}); break;
+    case 3: tail(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});  // D = 128
   }
+  return true;
 }
 #endif
 
@@ -348,32 +461,69 @@ void HeadAttention::add_gemm(const float* k, const float* v, int n, const int* l
 }
 
 void HeadAttention::add_fused(const KVBlock& b, const int* limit) {
-  scores_.resize(size_t(b.n));
+  add_keys(b, limit);
+  add_values(b, limit);
+}
+
+void HeadAttention::add_keys(const KVBlock& b, const int* limit) {
+  if (nq_ >= kGemmMinQueries) throw Error("HeadAttention::add_keys: for fewer than 16 queries");
+  scores_.resize(size_t(nq_) * size_t(b.n));
+  rescale_.resize(size_t(nq_));
   for (int i = 0; i < nq_; ++i) {
     const int visible = limit ? std::clamp(limit[i], 0, b.n) : b.n;
     if (visible == 0) continue;
     const float* qi = q_ + size_t(i) * ldq_;
+    float* s = &scores_[size_t(i) * size_t(b.n)];
+    float& r = rescale_[size_t(i)];
+    switch (b.type) {
+      case DType::BF16:
+#if defined(LONGLLAMA_BF16_AVX512)
+        if (bf16_kernel && with_bf16_shape(D_, [&](auto cf, auto tw) {
+              r = bf16_keys<cf(), tw()>(qi, static_cast<const uint16_t*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i]);
+            }))
+          break;
+#endif
+        r = fused_keys(qi, static_cast<const hwy::bfloat16_t*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i]);
+        break;
+      case DType::F16:
+        r = fused_keys(qi, static_cast<const hwy::float16_t*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i]);
+        break;
+      case DType::I8:
+        r = fused_keys(qi, static_cast<const int8_t*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i], b.k_scale);
+        break;
+      default:
+        r = fused_keys(qi, static_cast<const float*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i]);
+    }
+  }
+}
+
+void HeadAttention::add_values(const KVBlock& b, const int* limit) {
+  if (scores_.size() != size_t(nq_) * size_t(b.n)) throw Error("HeadAttention::add_values: not the block of add_keys");
+  for (int i = 0; i < nq_; ++i) {
+    const int visible = limit ? std::clamp(limit[i], 0, b.n) : b.n;
+    if (visible == 0) continue;
+    const float* s = &scores_[size_t(i) * size_t(b.n)];
+    const float r = rescale_[size_t(i)];
     float* acc = &acc_[size_t(i) * D_];
     switch (b.type) {
       case DType::BF16:
 #if defined(LONGLLAMA_BF16_AVX512)
-        if (bf16_kernel && fused_query_bf16_any(qi, b.k, b.v, visible, D_, sqrt_d_, scores_.data(), max_[i], sum_[i], acc)) break;
+        if (bf16_kernel && with_bf16_shape(D_, [&](auto cf, auto tw) {
+              bf16_values<cf(), tw()>(s, r, static_cast<const uint16_t*>(b.v), visible, D_, acc);
+            }))
+          break;
 #endif
-        fused_query(qi, static_cast<const hwy::bfloat16_t*>(b.k), static_cast<const hwy::bfloat16_t*>(b.v), visible, D_,
-                    sqrt_d_, scores_.data(), max_[i], sum_[i], acc);
+        fused_values(s, r, static_cast<const hwy::bfloat16_t*>(b.v), visible, D_, acc);
         break;
       case DType::F16:
-        fused_query(qi, static_cast<const hwy::float16_t*>(b.k), static_cast<const hwy::float16_t*>(b.v), visible, D_,
-                    sqrt_d_, scores_.data(), max_[i], sum_[i], acc);
+        fused_values(s, r, static_cast<const hwy::float16_t*>(b.v), visible, D_, acc);
         break;
       case DType::I8:
         pscaled_.resize(size_t(b.n));
-        fused_query(qi, static_cast<const int8_t*>(b.k), static_cast<const int8_t*>(b.v), visible, D_, sqrt_d_,
-                    scores_.data(), max_[i], sum_[i], acc, b.k_scale, b.v_scale, pscaled_.data());
+        fused_values(s, r, static_cast<const int8_t*>(b.v), visible, D_, acc, b.v_scale, pscaled_.data());
         break;
       default:
-        fused_query(qi, static_cast<const float*>(b.k), static_cast<const float*>(b.v), visible, D_, sqrt_d_,
-                    scores_.data(), max_[i], sum_[i], acc);
+        fused_values(s, r, static_cast<const float*>(b.v), visible, D_, acc);
     }
   }
 }

@@ -32,12 +32,20 @@ class HeadAttention {
   // tests and benchmarks that compare the two.
   static inline bool bf16_kernel = true;
   // How far ahead (bytes) the fused decode loops prefetch key/value rows; 0 = off (benchmarks).
-  static inline int prefetch_bytes = 8192;
+  // 4 KiB: bench_kernels BM_MemoryAttentionOrder (8 KiB and more were slower once the kernel got
+  // faster; prefetching into L2 instead of L1 made no difference).
+  static inline int prefetch_bytes = 4096;
 
   // q: nq rows of D floats with row stride ldq (already rotated).
   HeadAttention(const float* q, int nq, int ldq, int D);
   // limit (optional): query i sees only keys j < limit[i] of this block (causal mask).
   void add(const KVBlock& b, const int* limit = nullptr);
+  // add() in two passes, for fewer than kGemmMinQueries queries: add_keys scores the block's keys
+  // and updates the softmax, add_values then reads its values (the same block and limit, before
+  // the next add_keys). A caller with several heads can score all their keys of a memory chunk
+  // before it reads their values: longer sequential runs, faster from DRAM (Session::attention).
+  void add_keys(const KVBlock& b, const int* limit = nullptr);
+  void add_values(const KVBlock& b, const int* limit = nullptr);
   // Adds n keys to query i's softmax whose scaled scores are already known (e.g. the top-k of
   // a memory), with their value rows in storage type vtype.
   void add_scored(int i, const float* scores, const void* const* values, int n, DType vtype);
@@ -53,6 +61,7 @@ class HeadAttention {
   float sqrt_d_;
   std::vector<float> max_, sum_, acc_;  // per query: running max, sum; [nq][D] weighted values
   std::vector<float> scores_, kbuf_, vbuf_, pscaled_;
+  std::vector<float> rescale_;  // per query, from add_keys for add_values
 };
 
 // Exact top-k retrieval: scores every key of a sequence of blocks for each query, keeping the k
