@@ -216,7 +216,7 @@ template <typename T>
 void matvec_plain(const T* w, int64_t rows, int64_t cols, const float* x, float* y) {
   const int64_t groups = rows / 4;
   const int ahead = matvec_prefetch_bytes;
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(guided, 4)  // long runs first: see matvec below
   for (int64_t g = 0; g < groups; ++g) {
     const T* r = w + size_t(g) * 4 * cols;
     simd::dot4(r, r + cols, r + 2 * cols, r + 3 * cols, x, cols, y + 4 * g, ahead);
@@ -242,9 +242,11 @@ void matvec(const MatrixRef& W, const float* x, float* y) {
   ActQ8& q = q_buf;          // the OpenMP workers must see this thread's buffer
   if (dtype_is_quantized(W.type)) q.quantize(x, cols);
   if (W.grouped) return matvec_grouped(W.type, base, rows, cols, q, y);
-  // Chunks of 16 rows handed out dynamically: a thread that loses its core to another process
-  // does not hold the others up (a static split would wait for it).
-#pragma omp parallel for schedule(dynamic, 16)
+  // Guided: each thread first takes a long run of rows (one sequential stream), then ever smaller
+  // chunks (down to 16 rows), so a thread that loses its core to another process does not hold the
+  // others up. Small dynamic chunks interleave the two threads' reads, which costs a quarter of the
+  // bandwidth in this VM's fast regime (docs/performance.md, session 15).
+#pragma omp parallel for schedule(guided, 16)
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = base + size_t(r) * rb;
     switch (W.type) {

@@ -153,7 +153,10 @@ void matvec_grouped(DType t, const uint8_t* data, int64_t rows, int64_t cols, co
   const int32_t off = offset(t);
   const bool q8 = t == DType::Q8_0;
   const int ahead = matvec_prefetch_bytes;
-#pragma omp parallel for schedule(dynamic, 4)
+  // Guided: a long sequential run per thread first, then smaller chunks for balance. With
+  // dynamic chunks of 4 groups the two threads' reads interleaved every 115 KB: q4_0 decode
+  // sweeps read at 0.73-0.77 of the bandwidth probe in the fast regime, 0.95-0.98 with this.
+#pragma omp parallel for schedule(guided)
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* p = data + size_t(g * nb) * gbb;
     __m512 acc = _mm512_setzero_ps();
@@ -228,7 +231,7 @@ void matvec_half_groups(const uint8_t* data, int64_t rows, int64_t cols, const f
   const int64_t nb = cols / kQBlock, groups = rows / kGroupRows;
   constexpr size_t gbb = size_t(kGroupRows) * 64;
   const int ahead = matvec_prefetch_bytes;
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(guided)  // long runs first: see matvec_grouped above
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* p = data + size_t(g * nb) * gbb;
     __m512 acc[kGroupRows];
