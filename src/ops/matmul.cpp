@@ -55,35 +55,42 @@ inline hn::Vec<DI32> madd16(hn::Vec<DI16> a, hn::Vec<DI16> b, hn::Vec<DI32> acc)
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// With VNNI one vpdpbusd multiplies 32 unsigned x signed int8 pairs and adds them into int32.
-// Highway 1.0 (Debian 12) does not expose it, hence these two intrinsic kernels; the Highway
-// versions below are the portable path and the tests check both against the same reference.
-#define LONGLLAMA_VNNI 1
+#if defined(__AVX2__) && defined(__FMA__)
+// Int8 dot products with intrinsics: with VNNI (AVX-512) one vpdpbusd multiplies 32 unsigned x
+// signed int8 pairs and adds them into int32; with AVX2, vpmaddubsw makes int16 pair sums (they
+// cannot saturate here: 2 x 128 x 127 < 32768) and vpmaddwd by 1 adds those into int32. Highway 1.0
+// (Debian 12) exposes neither, hence these kernels; the Highway versions below are the path for
+// other targets, and the tests check every path against the same reference.
+#define LONGLLAMA_INT8_X86 1
 inline float hsum8(__m256 v) {
   const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
-
+// Σ u[i] * s[i] over 32 unsigned x signed int8 pairs, as 8 int32 partial sums added to acc.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
 // One block's int32 partial sums. |w| as unsigned and x with w's sign: same products.
-inline __m256i block_q8_0_vnni(const BlockQ8_0& w, const int8_t* x) {
+inline __m256i block_q8_0_x86(const BlockQ8_0& w, const int8_t* x) {
   const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
   const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+  return dot_u8s8(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
 }
-
 // The nibbles are used unsigned; their -8 offset (-8 Σx) is added into lane 0.
-inline __m256i block_q4_0_vnni(const BlockQ4_0& w, const int8_t* x, int32_t xsum) {
+inline __m256i block_q4_0_x86(const BlockQ4_0& w, const int8_t* x, int32_t xsum) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
   const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0f));
   const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm256_dpbusd_epi32(_mm256_castsi128_si256(_mm_cvtsi32_si128(-8 * xsum)), q, xv);
+  return dot_u8s8(_mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * xsum)), q, xv);
 }
-
 // Two accumulators so consecutive blocks do not wait on each other's FMA.
 template <typename Block, typename F>
-float dot_blocks_vnni(const Block* w, const ActQ8& x, int64_t nblocks, F block_dot) {
+float dot_blocks_x86(const Block* w, const ActQ8& x, int64_t nblocks, F block_dot) {
   const float* f16 = f16_table();
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t b = 0;
@@ -96,16 +103,14 @@ float dot_blocks_vnni(const Block* w, const ActQ8& x, int64_t nblocks, F block_d
     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w[b], x, b)), _mm256_set1_ps(f16[w[b].d] * x.d[b]), acc0);
   return hsum8(_mm256_add_ps(acc0, acc1));
 }
-
-float dot_q8_0_vnni(const BlockQ8_0* w, const ActQ8& x, int64_t nblocks) {
-  return dot_blocks_vnni(w, x, nblocks, [](const BlockQ8_0& blk, const ActQ8& a, int64_t b) {
-    return block_q8_0_vnni(blk, &a.q[size_t(b) * kQBlock]);
+float dot_q8_0_x86(const BlockQ8_0* w, const ActQ8& x, int64_t nblocks) {
+  return dot_blocks_x86(w, x, nblocks, [](const BlockQ8_0& blk, const ActQ8& a, int64_t b) {
+    return block_q8_0_x86(blk, &a.q[size_t(b) * kQBlock]);
   });
 }
-
-float dot_q4_0_vnni(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
-  return dot_blocks_vnni(w, x, nblocks, [](const BlockQ4_0& blk, const ActQ8& a, int64_t b) {
-    return block_q4_0_vnni(blk, &a.q[size_t(b) * kQBlock], a.sum[size_t(b)]);
+float dot_q4_0_x86(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
+  return dot_blocks_x86(w, x, nblocks, [](const BlockQ4_0& blk, const ActQ8& a, int64_t b) {
+    return block_q4_0_x86(blk, &a.q[size_t(b) * kQBlock], a.sum[size_t(b)]);
   });
 }
 #endif
@@ -134,8 +139,8 @@ float dot_q4_0_vnni(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
 }
 
 float dot_q8_0_impl(const BlockQ8_0* w, const ActQ8& x, int64_t nblocks) {
-#if defined(LONGLLAMA_VNNI)
-  return dot_q8_0_vnni(w, x, nblocks);
+#if defined(LONGLLAMA_INT8_X86)
+  return dot_q8_0_x86(w, x, nblocks);
 #elif !defined(LONGLLAMA_HWY_INT256)
   return dot_q_scalar(reinterpret_cast<const uint8_t*>(w), false, x, nblocks);
 #else
@@ -156,8 +161,8 @@ float dot_q8_0_impl(const BlockQ8_0* w, const ActQ8& x, int64_t nblocks) {
 }
 
 float dot_q4_0_impl(const BlockQ4_0* w, const ActQ8& x, int64_t nblocks) {
-#if defined(LONGLLAMA_VNNI)
-  return dot_q4_0_vnni(w, x, nblocks);
+#if defined(LONGLLAMA_INT8_X86)
+  return dot_q4_0_x86(w, x, nblocks);
 #elif !defined(LONGLLAMA_HWY_INT256)
   return dot_q_scalar(reinterpret_cast<const uint8_t*>(w), true, x, nblocks);
 #else
