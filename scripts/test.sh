@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh
 (cd build && ctest --output-on-failure)
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DLONGLLAMA_SANITIZE=address -DLONGLLAMA_BENCH=OFF >/dev/null
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DLONGLLAMA_SANITIZE=address -DLONGLLAMA_BENCH=OFF -DLONGLLAMA_NATIVE=OFF >/dev/null
 cmake --build build-asan -j"$(nproc)" --target test_io test_gguf test_ops test_model longllama
 (cd build-asan && ctest --output-on-failure -L "test_io|test_gguf|test_ops|test_model")

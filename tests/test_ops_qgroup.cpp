@@ -101,6 +101,41 @@ TEST(QGroup, MatvecEqualsRowDotProducts) {
     }
 }
 
+// The largest products the int8 kernels can meet (Q8_0 bytes ±127, Q4_0 nibbles 15 or 0, i.e.
+// 7 and -8; x quantized to ±127; all of one sign over whole blocks): the AVX2 kernels' int16 pair
+// sums and Q4_0's int16 block sum stay below saturation, so every kernel gives the scalar integers.
+TEST(QGroup, ExtremeValuesDoNotSaturate) {
+  const int64_t rows = 32, cols = 256;
+  for (DType t : kQTypes)
+    for (float sign : {1.0f, -1.0f}) {
+      const size_t rb = ll::row_bytes(t, cols), bb = rb / size_t(cols / 32);
+      std::vector<uint8_t> q(rb * rows);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < cols / 32; ++b) {
+          uint8_t* blk = &q[size_t(r) * rb + size_t(b) * bb];
+          blk[0] = 0x00;  // f16 1.0
+          blk[1] = 0x3c;
+          const uint8_t fill = t == DType::Q4_0 ? (r % 2 ? 0x00 : 0xff) : (r % 2 ? 0x81 : 0x7f);
+          std::fill(blk + 2, blk + bb, fill);
+        }
+      std::vector<float> x(static_cast<size_t>(cols), sign);
+      const auto grouped = group(t, q, rows, cols);
+      ll::ActQ8 a;
+      a.quantize(x.data(), cols);
+      ASSERT_EQ(int(a.q[0]), sign > 0 ? 127 : -127);
+      std::vector<float> fast(static_cast<size_t>(rows)), slow(static_cast<size_t>(rows));
+      ll::matvec_grouped(t, grouped.data(), rows, cols, a, fast.data());
+      ll::matvec_grouped_scalar(t, grouped.data(), rows, cols, a, slow.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const float w = t == DType::Q4_0 ? (r % 2 ? -8.0f : 7.0f) : (r % 2 ? -127.0f : 127.0f);
+        const float want = w * float(a.q[0]) * float(cols) * a.d[0];  // every block: weight scale 1
+        ASSERT_NEAR(slow[size_t(r)], want, 1e-5f * std::fabs(want)) << ll::dtype_name(t) << " row " << r;
+        ASSERT_NEAR(fast[size_t(r)], slow[size_t(r)], 1e-5f * std::fabs(want)) << ll::dtype_name(t) << " row " << r;
+        ASSERT_NEAR(ll::dot_row(t, &q[size_t(r) * rb], x.data(), cols), want, 1e-5f * std::fabs(want));
+      }
+    }
+}
+
 TEST(QGroup, MatrixRefDispatchForMatvecAndMatmul) {
   std::mt19937_64 rng(3);
   for (DType t : kAllTypes) {

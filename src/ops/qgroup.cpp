@@ -16,6 +16,8 @@
 // GCC 12 warns about the deliberately undefined pass-through operand inside its own
 // _mm512_cvtph_ps / _mm512_cvtepi32_ps (avx512fintrin.h's `__m512 __Y = __Y;`).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LONGLLAMA_GROUP_AVX2 1  // the Q8_0/Q4_0 kernel of the portable (x86-64-v3) build
 #endif
 
 namespace ll {
@@ -28,7 +30,7 @@ bool is_half(DType t) { return t == DType::F16 || t == DType::BF16; }
 int chunks(DType t) { return t == DType::Q8_0 ? 8 : 4; }  // 64-byte chunks per Q group block
 // A group block: 16 rows x 32 columns.
 size_t group_block_bytes(DType t) { return is_half(t) ? size_t(kGroupRows * 64) : size_t(kScaleBytes + 64 * chunks(t)); }
-int32_t offset(DType t) { return t == DType::Q8_0 ? 128 : 8; }
+[[maybe_unused]] int32_t offset(DType t) { return t == DType::Q8_0 ? 128 : 8; }
 float half_to_f32(DType t, uint16_t h) { return t == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h); }
 
 void check(DType t, int64_t rows, int64_t cols, const char* what) {
@@ -41,7 +43,7 @@ void check(DType t, int64_t rows, int64_t cols, const char* what) {
 
 bool should_group(DType t, int64_t rows, int64_t cols) {
   if (rows <= 0 || rows % kGroupRows != 0 || cols % kQBlock != 0) return false;
-#if defined(LONGLLAMA_GROUP_VNNI)
+#if defined(LONGLLAMA_GROUP_VNNI) || defined(LONGLLAMA_GROUP_AVX2)
   if (t == DType::Q8_0 || t == DType::Q4_0) return true;
 #endif
 #if defined(LONGLLAMA_GROUP_AVX512)
@@ -143,8 +145,68 @@ void matvec_grouped_scalar(DType t, const uint8_t* data, int64_t rows, int64_t c
     }
 }
 
+#if defined(LONGLLAMA_GROUP_AVX2)
+namespace {
+// AVX2 has no vpdpbusd: vpmaddubsw makes int16 sums of unsigned x signed int8 pairs (saturating)
+// and vpmaddwd by 1 adds those into int32. A group is two halves of 8 rows (32 bytes of a chunk
+// each, one int32 lane per row). Q4_0 nibbles (0..15) times int8 give pair sums of at most
+// 2 x 15 x 128 = 3840, so the 8 products of a block add up in int16 (<= 30720) before one
+// vpmaddwd; Q8_0 bytes are stored as w + 128 (up to 255, which could saturate a pair), so they
+// are turned back into w and multiplied as |w| x (x with w's sign), as the row kernels do.
+void matvec_q_groups_avx2(DType t, const uint8_t* data, int64_t rows, int64_t cols, const ActQ8& x, float* y) {
+  const int64_t nb = cols / kQBlock, groups = rows / kGroupRows;
+  const size_t gbb = group_block_bytes(t);
+  const bool q8 = t == DType::Q8_0;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+#pragma omp parallel for schedule(guided)  // long runs first: see matvec_grouped below
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = data + size_t(g * nb) * gbb;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nb; ++b, p += gbb) {
+      const __m256 xd = _mm256_set1_ps(x.d[size_t(b)]);
+      const int8_t* xq = &x.q[size_t(b * kQBlock)];
+      auto xk = [&](int k) {  // activation elements 4k..4k+3, broadcast to the 8 rows
+        int32_t v;
+        std::memcpy(&v, xq + 4 * k, 4);
+        return _mm256_set1_epi32(v);
+      };
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* q = p + kScaleBytes + 32 * h;
+        auto chunk = [&](int k) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * k)); };
+        __m256i isum;
+        if (q8) {
+          isum = _mm256_setzero_si256();
+          for (int k = 0; k < 8; ++k) {
+            const __m256i w = _mm256_xor_si256(chunk(k), flip);
+            const __m256i pr = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xk(k), w));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pr, ones));
+          }
+        } else {
+          __m256i s16 = _mm256_setzero_si256();
+          for (int k = 0; k < 4; ++k) {
+            const __m256i v = chunk(k);
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(v, low), xk(k)));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xk(4 + k)));
+          }
+          isum = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(-8 * x.sum[size_t(b)]));
+        }
+        const __m256 scale =
+            _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h))), xd);
+        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[h]);
+      }
+    }
+    _mm256_storeu_ps(y + g * kGroupRows, acc[0]);
+    _mm256_storeu_ps(y + g * kGroupRows + 8, acc[1]);
+  }
+}
+}  // namespace
+#endif
+
 void matvec_grouped(DType t, const uint8_t* data, int64_t rows, int64_t cols, const ActQ8& x, float* y) {
-#if !defined(LONGLLAMA_GROUP_VNNI)
+#if defined(LONGLLAMA_GROUP_AVX2)
+  check(t, rows, cols, "matvec_grouped");
+  matvec_q_groups_avx2(t, data, rows, cols, x, y);
+#elif !defined(LONGLLAMA_GROUP_VNNI)
   matvec_grouped_scalar(t, data, rows, cols, x, y);
 #else
   check(t, rows, cols, "matvec_grouped");
