@@ -1,4 +1,4 @@
-// The AVX-512 bf16 decode kernel of HeadAttention (even/odd split rows, 4-row reductions, exact
+// The bf16 decode kernel of HeadAttention (AVX-512 or AVX2) (even/odd split rows, 4-row reductions, exact
 // tails) against a double-precision softmax over the same bf16 rows, for head sizes with every
 // kind of tail and row counts around the 4-row grouping; and the same with the kernel off.
 #include <gtest/gtest.h>

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 
 #include "hwy/cache_control.h"
 #include "hwy/contrib/math/math-inl.h"
@@ -154,133 +155,168 @@ void fused_values(const float* s, float rescale, const T* V, int n, int D, float
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define LONGLLAMA_BF16_AVX512 1
+#if defined(__AVX2__) && defined(__FMA__)
+#define LONGLLAMA_BF16_KERNEL 1
 // GCC 12 warns about the deliberately undefined operands inside its own avx512fintrin.h.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // Decoding over bf16 memory (the hot loop at long context). A bf16 row read as 32-bit lanes has
 // element 2i in the low half of lane i and element 2i+1 in the high half, so (lane << 16) and
 // (lane & 0xffff0000) are the even and odd elements as float32: one load and two integer ops per
-// 32 elements, no shuffles. The query and the accumulator are kept split the same way.
-// A row is CF full chunks of 32 elements, then a tail of `tl` lanes (2 elements each) held in a
-// vector of TW lanes (xmm, ymm or zmm): a head of 100 is 3 chunks and a 4-lane xmm tail, so the
-// last 4 elements cost 128-bit ops instead of a whole 512-bit chunk. Everything that depends on
-// the tail is fixed outside the row loops: a per-row branch on it made GCC keep the accumulators
-// on the stack (the value loop ran at half speed).
-template <int TW>
-struct Bf16Tail;
-template <>
-struct Bf16Tail<4> {
+// 2L elements (L lanes), no shuffles. The query and the accumulator are kept split the same way.
+// A row is CF full chunks of 2L elements (zmm with AVX-512, ymm with AVX2), then a tail of `tl`
+// lanes in the narrowest vector that holds it: a head of 100 is 3 zmm chunks (6 ymm) and a 4-lane
+// xmm tail. Everything that depends on the tail is fixed outside the row loops: a per-row branch
+// on it made GCC keep the accumulators on the stack (the value loop ran at half speed).
+
+// One vector width: float/int types, lanes, and the few operations the kernel needs.
+struct V128 {
   using F = __m128;
   using I = __m128i;
-  static I load(const uint16_t* p, int tl, __mmask16 m) {
-    if (tl == 2) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));  // exactly 4 elements
-    if (tl == 4) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm_maskz_loadu_epi32(__mmask8(m), p);  // masked loads are slow on AMD: odd tails only
+  static constexpr int L = 4;
+  static I load(const uint16_t* p, int lanes) {
+    if (lanes == 2) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));  // exactly 4 elements
+    if (lanes == 4) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    // masked loads are slow on AMD: odd tails only
+    return _mm_maskload_epi32(reinterpret_cast<const int*>(p), _mm_cmpgt_epi32(_mm_set1_epi32(lanes), _mm_setr_epi32(0, 1, 2, 3)));
   }
-  static F zero() { return _mm_setzero_ps(); }
   static F even(I v) { return _mm_castsi128_ps(_mm_slli_epi32(v, 16)); }
   static F odd(I v) { return _mm_castsi128_ps(_mm_and_si128(v, _mm_set1_epi32(int(0xffff0000u)))); }
   static F fma(F a, F b, F c) { return _mm_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm_add_ps(a, b); }
+  static F zero() { return _mm_setzero_ps(); }
   static F set1(float x) { return _mm_set1_ps(x); }
   static F loadf(const float* p) { return _mm_load_ps(p); }
   static void storef(float* p, F v) { _mm_store_ps(p, v); }
-  static __m512 widen(F v) { return _mm512_zextps128_ps512(v); }
 };
-template <>
-struct Bf16Tail<8> {
+struct V256 {
   using F = __m256;
   using I = __m256i;
-  static I load(const uint16_t* p, int tl, __mmask16 m) {
-    if (tl == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm256_maskz_loadu_epi32(__mmask8(m), p);
+  static constexpr int L = 8;
+  static I load(const uint16_t* p, int lanes) {
+    if (lanes == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_maskload_epi32(reinterpret_cast<const int*>(p),
+                                 _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
   }
-  static F zero() { return _mm256_setzero_ps(); }
   static F even(I v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
   static F odd(I v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u)))); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F zero() { return _mm256_setzero_ps(); }
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F loadf(const float* p) { return _mm256_load_ps(p); }
   static void storef(float* p, F v) { _mm256_store_ps(p, v); }
-  static __m512 widen(F v) { return _mm512_zextps256_ps512(v); }
+  static F widen(__m128 v) { return _mm256_zextps128_ps256(v); }
+  // Four vectors -> their four sums: pairwise interleaves, then the two 128-bit halves.
+  static __m128 sum4(F a0, F a1, F a2, F a3) {
+    const F t01 = _mm256_add_ps(_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
+    const F t23 = _mm256_add_ps(_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
+    const F t = _mm256_add_ps(_mm256_shuffle_ps(t01, t23, 0x44), _mm256_shuffle_ps(t01, t23, 0xee));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  }
+  static float sum1(F v) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
 };
-template <>
-struct Bf16Tail<16> {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct V512 {
   using F = __m512;
   using I = __m512i;
-  static I load(const uint16_t* p, int, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }  // 9..15 lanes
-  static F zero() { return _mm512_setzero_ps(); }
+  static constexpr int L = 16;
+  static I load(const uint16_t* p, int lanes) {
+    if (lanes == 16) return _mm512_loadu_si512(p);
+    return _mm512_maskz_loadu_epi32(__mmask16((1u << lanes) - 1), p);
+  }
   static F even(I v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
   static F odd(I v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u)))); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F zero() { return _mm512_setzero_ps(); }
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F loadf(const float* p) { return _mm512_load_ps(p); }
   static void storef(float* p, F v) { _mm512_store_ps(p, v); }
-  static __m512 widen(F v) { return v; }
+  static F widen(__m128 v) { return _mm512_zextps128_ps512(v); }
+  static F widen(__m256 v) { return _mm512_zextps256_ps512(v); }
+  static __m128 sum4(F a0, F a1, F a2, F a3) {
+    const F t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const F t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const F t = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xee));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  }
+  static float sum1(F v) { return _mm512_reduce_add_ps(v); }
 };
-template <>
-struct Bf16Tail<0> : Bf16Tail<4> {};  // no tail: never called
+using VWide = V512;
+#else
+using VWide = V256;
+#endif
 
-template <int CF, int TW>
+// W: the chunk vector; CF full chunks; T: the tail's vector (V128/V256/W), or void for none.
+template <typename W, int CF, typename T>
 struct Bf16Head {
-  using T = Bf16Tail<TW>;
-  __m512 qe[CF + 1], qo[CF + 1];  // + 1: CF may be 0
-  typename T::F te, to;
+  static constexpr int E = 2 * W::L;  // elements per chunk
+  static constexpr bool kTail = !std::is_void_v<T>;
+  using TV = std::conditional_t<kTail, T, V128>;  // a placeholder type when there is no tail
+  typename W::F qe[CF + 1], qo[CF + 1];           // + 1: CF may be 0
+  typename TV::F te, to;
   int D, tl;
-  __mmask16 tmask;
 
+  static typename W::F widen(typename TV::F v) {
+    if constexpr (std::is_same_v<TV, W>) return v;
+    else return W::widen(v);
+  }
   // Splits x[0..D) into even/odd float vectors per chunk and for the tail (scaled by f).
-  void split(const float* x, float f, __m512* e, __m512* o, typename T::F* tel, typename T::F* tol) const {
+  void split(const float* x, float f, typename W::F* e, typename W::F* o, typename TV::F* tel,
+             typename TV::F* tol) const {
     for (int c = 0; c < CF; ++c) {
       alignas(64) float ev[16], od[16];
-      for (int i = 0; i < 16; ++i) {
-        ev[i] = x[c * 32 + 2 * i] * f;
-        od[i] = x[c * 32 + 2 * i + 1] * f;
+      for (int i = 0; i < W::L; ++i) {
+        ev[i] = x[c * E + 2 * i] * f;
+        od[i] = x[c * E + 2 * i + 1] * f;
       }
-      e[c] = _mm512_load_ps(ev);
-      o[c] = _mm512_load_ps(od);
+      e[c] = W::loadf(ev);
+      o[c] = W::loadf(od);
     }
-    if constexpr (TW > 0) {
+    if constexpr (kTail) {
       alignas(64) float ev[16] = {}, od[16] = {};
       for (int i = 0; i < tl; ++i) {
-        ev[i] = x[CF * 32 + 2 * i] * f;
-        od[i] = x[CF * 32 + 2 * i + 1] * f;
+        ev[i] = x[CF * E + 2 * i] * f;
+        od[i] = x[CF * E + 2 * i + 1] * f;
       }
-      *tel = T::loadf(ev);
-      *tol = T::loadf(od);
+      *tel = TV::loadf(ev);
+      *tol = TV::loadf(od);
     }
   }
   // The inverse of split.
-  void merge(const __m512* e, const __m512* o, typename T::F tel, typename T::F tol, float* x) const {
+  void merge(const typename W::F* e, const typename W::F* o, typename TV::F tel, typename TV::F tol, float* x) const {
     for (int c = 0; c < CF; ++c) {
       alignas(64) float ev[16], od[16];
-      _mm512_store_ps(ev, e[c]);
-      _mm512_store_ps(od, o[c]);
-      for (int i = 0; i < 16; ++i) {
-        x[c * 32 + 2 * i] = ev[i];
-        x[c * 32 + 2 * i + 1] = od[i];
+      W::storef(ev, e[c]);
+      W::storef(od, o[c]);
+      for (int i = 0; i < W::L; ++i) {
+        x[c * E + 2 * i] = ev[i];
+        x[c * E + 2 * i + 1] = od[i];
       }
     }
-    if constexpr (TW > 0) {
+    if constexpr (kTail) {
       alignas(64) float ev[16], od[16];
-      T::storef(ev, tel);
-      T::storef(od, tol);
+      TV::storef(ev, tel);
+      TV::storef(od, tol);
       for (int i = 0; i < tl; ++i) {
-        x[CF * 32 + 2 * i] = ev[i];
-        x[CF * 32 + 2 * i + 1] = od[i];
+        x[CF * E + 2 * i] = ev[i];
+        x[CF * E + 2 * i + 1] = od[i];
       }
     }
   }
 
-  explicit Bf16Head(int d) : D(d), tl((d - 32 * CF) / 2), tmask(__mmask16((1u << tl) - 1)) {}
+  explicit Bf16Head(int d) : D(d), tl((d - E * CF) / 2) {}
   Bf16Head(const float* q, int d) : Bf16Head(d) { split(q, 1.0f, qe, qo, &te, &to); }
-  static __m512 even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
-  static __m512 odd(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u)))); }
-  static __m512i chunk(const uint16_t* row, int c) { return _mm512_loadu_si512(row + c * 32); }
-  // The tail's dot product with the query, in the low lanes of a zmm.
-  __m512 tail_dot(const uint16_t* row) const {
-    const auto t = T::load(row + CF * 32, tl, tmask);
-    return T::widen(T::fma(T::odd(t), to, T::fma(T::even(t), te, T::zero())));
+  static typename W::I chunk(const uint16_t* row, int c) { return W::load(row + c * E, W::L); }
+  // The tail's dot product with the query, in the low lanes of a chunk vector.
+  typename W::F tail_dot(const uint16_t* row) const {
+    const auto t = TV::load(row + CF * E, tl);
+    return widen(TV::fma(TV::odd(t), to, TV::fma(TV::even(t), te, TV::zero())));
   }
 
   // s[j] = (q · K[j]) / sqrt_d, four rows at a time, their sums reduced together; returns the
@@ -292,35 +328,29 @@ struct Bf16Head {
       const uint16_t* k0 = K + size_t(j) * D;
       const uint16_t *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
       prefetch_ahead(k0, 8 * D);
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      auto a0 = W::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
       for (int c = 0; c < CF; ++c) {
-        const __m512i v0 = chunk(k0, c), v1 = chunk(k1, c), v2 = chunk(k2, c), v3 = chunk(k3, c);
-        a0 = _mm512_fmadd_ps(even(v0), qe[c], a0);
-        b0 = _mm512_fmadd_ps(odd(v0), qo[c], b0);
-        a1 = _mm512_fmadd_ps(even(v1), qe[c], a1);
-        b1 = _mm512_fmadd_ps(odd(v1), qo[c], b1);
-        a2 = _mm512_fmadd_ps(even(v2), qe[c], a2);
-        b2 = _mm512_fmadd_ps(odd(v2), qo[c], b2);
-        a3 = _mm512_fmadd_ps(even(v3), qe[c], a3);
-        b3 = _mm512_fmadd_ps(odd(v3), qo[c], b3);
+        const auto v0 = chunk(k0, c), v1 = chunk(k1, c), v2 = chunk(k2, c), v3 = chunk(k3, c);
+        a0 = W::fma(W::even(v0), qe[c], a0);
+        b0 = W::fma(W::odd(v0), qo[c], b0);
+        a1 = W::fma(W::even(v1), qe[c], a1);
+        b1 = W::fma(W::odd(v1), qo[c], b1);
+        a2 = W::fma(W::even(v2), qe[c], a2);
+        b2 = W::fma(W::odd(v2), qo[c], b2);
+        a3 = W::fma(W::even(v3), qe[c], a3);
+        b3 = W::fma(W::odd(v3), qo[c], b3);
       }
-      a0 = _mm512_add_ps(a0, b0);
-      a1 = _mm512_add_ps(a1, b1);
-      a2 = _mm512_add_ps(a2, b2);
-      a3 = _mm512_add_ps(a3, b3);
-      if constexpr (TW > 0) {
-        a0 = _mm512_add_ps(a0, tail_dot(k0));
-        a1 = _mm512_add_ps(a1, tail_dot(k1));
-        a2 = _mm512_add_ps(a2, tail_dot(k2));
-        a3 = _mm512_add_ps(a3, tail_dot(k3));
+      a0 = W::add(a0, b0);
+      a1 = W::add(a1, b1);
+      a2 = W::add(a2, b2);
+      a3 = W::add(a3, b3);
+      if constexpr (kTail) {
+        a0 = W::add(a0, tail_dot(k0));
+        a1 = W::add(a1, tail_dot(k1));
+        a2 = W::add(a2, tail_dot(k2));
+        a3 = W::add(a3, tail_dot(k3));
       }
-      // 4x16 -> 4 sums: pairwise interleaves, then the four 128-bit lanes
-      const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-      const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-      const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xee));
-      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-      const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-      const __m128 sj = _mm_div_ps(r, _mm_set1_ps(sqrt_d));
+      const __m128 sj = _mm_div_ps(W::sum4(a0, a1, a2, a3), _mm_set1_ps(sqrt_d));
       _mm_storeu_ps(s + j, sj);
       vmax = _mm_max_ps(vmax, sj);
     }
@@ -329,13 +359,13 @@ struct Bf16Head {
     float m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
     for (; j < n; ++j) {
       const uint16_t* k0 = K + size_t(j) * D;
-      __m512 a0 = _mm512_setzero_ps();
+      auto a0 = W::zero();
       for (int c = 0; c < CF; ++c) {
-        const __m512i v0 = chunk(k0, c);
-        a0 = _mm512_fmadd_ps(odd(v0), qo[c], _mm512_fmadd_ps(even(v0), qe[c], a0));
+        const auto v0 = chunk(k0, c);
+        a0 = W::fma(W::odd(v0), qo[c], W::fma(W::even(v0), qe[c], a0));
       }
-      if constexpr (TW > 0) a0 = _mm512_add_ps(a0, tail_dot(k0));
-      s[j] = _mm512_reduce_add_ps(a0) / sqrt_d;
+      if constexpr (kTail) a0 = W::add(a0, tail_dot(k0));
+      s[j] = W::sum1(a0) / sqrt_d;
       m = std::max(m, s[j]);
     }
     return m;
@@ -343,32 +373,32 @@ struct Bf16Head {
 
   // acc = acc * rescale + Σ_j p[j] · V[j], the accumulator split even/odd in registers.
   void accumulate(float* acc, float rescale, const float* p, const uint16_t* V, int n) const {
-    __m512 ae[CF + 1], ao[CF + 1];
-    typename T::F tae = T::zero(), tao = T::zero();
+    typename W::F ae[CF + 1], ao[CF + 1];
+    typename TV::F tae = TV::zero(), tao = TV::zero();
     split(acc, rescale, ae, ao, &tae, &tao);
     for (int j = 0; j < n; ++j) {
       const uint16_t* v = V + size_t(j) * D;
       prefetch_ahead(v, 2 * D);
-      const __m512 pj = _mm512_set1_ps(p[j]);
+      const auto pj = W::set1(p[j]);
       for (int c = 0; c < CF; ++c) {
-        const __m512i x = chunk(v, c);
-        ae[c] = _mm512_fmadd_ps(pj, even(x), ae[c]);
-        ao[c] = _mm512_fmadd_ps(pj, odd(x), ao[c]);
+        const auto x = chunk(v, c);
+        ae[c] = W::fma(pj, W::even(x), ae[c]);
+        ao[c] = W::fma(pj, W::odd(x), ao[c]);
       }
-      if constexpr (TW > 0) {
-        const auto x = T::load(v + CF * 32, tl, tmask);
-        const auto pt = T::set1(p[j]);
-        tae = T::fma(pt, T::even(x), tae);
-        tao = T::fma(pt, T::odd(x), tao);
+      if constexpr (kTail) {
+        const auto x = TV::load(v + CF * E, tl);
+        const auto pt = TV::set1(p[j]);
+        tae = TV::fma(pt, TV::even(x), tae);
+        tao = TV::fma(pt, TV::odd(x), tao);
       }
     }
     merge(ae, ao, tae, tao, acc);
   }
 };
 
-template <int CF, int TW>
+template <int CF, typename T>
 float bf16_keys(const float* qi, const uint16_t* K, int n, int D, float sqrt_d, float* s, float& max, float& sum) {
-  const Bf16Head<CF, TW> head(qi, D);
+  const Bf16Head<VWide, CF, T> head(qi, D);
   const float m = std::max(max, head.scores(K, n, sqrt_d, s));
   const float rescale = std::exp(max - m);
   sum = sum * rescale + exp_shift_sum(s, n, m);
@@ -376,32 +406,29 @@ float bf16_keys(const float* qi, const uint16_t* K, int n, int D, float sqrt_d, 
   return rescale;
 }
 
-template <int CF, int TW>
+template <int CF, typename T>
 void bf16_values(const float* s, float rescale, const uint16_t* V, int n, int D, float* acc) {
-  const Bf16Head<CF, TW> head(D);  // the shape only: no query
+  const Bf16Head<VWide, CF, T> head(D);  // the shape only: no query
   head.accumulate(acc, rescale, s, V, n);
 }
 
-// The kernel's instantiation for a head size: full 32-element chunks and the tail's vector width.
-// Returns false for head sizes it does not take (odd, or over 128).
+// Calls f(CF, tail vector type) for a head size: full chunks of 2L elements, then the narrowest
+// vector holding the tail. Returns false for head sizes the kernel does not take (odd, or more
+// than 4 zmm / 8 ymm chunks: 128 elements).
 template <typename F>
 bool with_bf16_shape(int D, F&& f) {
+  constexpr int E = 2 * VWide::L;
   if (D % 2 != 0 || D > 128) return false;
-  const int tl = (D % 32) / 2;
+  const int tl = (D % E) / 2;
   auto tail = [&](auto cf) {
-    constexpr int CF = decltype(cf)::value;
-    if (tl == 0) f(std::integral_constant<int, CF>{}, std::integral_constant<int, 0>{});
-    else if (tl <= 4) f(std::integral_constant<int, CF>{}, std::integral_constant<int, 4>{});
-    else if (tl <= 8) f(std::integral_constant<int, CF>{}, std::integral_constant<int, 8>{});
-    else f(std::integral_constant<int, CF>{}, std::integral_constant<int, 16>{});
+    if (tl == 0) f(cf, std::type_identity<void>{});
+    else if (tl <= 4) f(cf, std::type_identity<V128>{});
+    else if (tl <= 8) f(cf, std::type_identity<V256>{});
+    else f(cf, std::type_identity<VWide>{});  // only with AVX-512 (a ymm chunk has 8 lanes)
   };
-  switch (D / 32) {
-    case 0: tail(std::integral_constant<int, 0>{}); break;
-    case 1: tail(std::integral_constant<int, 1>{}); break;
-    case 2: tail(std::integral_constant<int, 2>{}); break;
-    case 3: tail(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});  // D = 128
-  }
+  [&]<int... C>(std::integer_sequence<int, C...>) {
+    ((D / E == C ? tail(std::integral_constant<int, C>{}) : void()), ...);
+  }(std::make_integer_sequence<int, 128 / E + 1>{});
   return true;
 }
 #endif
@@ -477,9 +504,10 @@ void HeadAttention::add_keys(const KVBlock& b, const int* limit) {
     float& r = rescale_[size_t(i)];
     switch (b.type) {
       case DType::BF16:
-#if defined(LONGLLAMA_BF16_AVX512)
+#if defined(LONGLLAMA_BF16_KERNEL)
         if (bf16_kernel && with_bf16_shape(D_, [&](auto cf, auto tw) {
-              r = bf16_keys<cf(), tw()>(qi, static_cast<const uint16_t*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i]);
+              r = bf16_keys<decltype(cf)::value, typename decltype(tw)::type>(qi, static_cast<const uint16_t*>(b.k),
+                                                                               visible, D_, sqrt_d_, s, max_[i], sum_[i]);
             }))
           break;
 #endif
@@ -507,9 +535,10 @@ void HeadAttention::add_values(const KVBlock& b, const int* limit) {
     float* acc = &acc_[size_t(i) * D_];
     switch (b.type) {
       case DType::BF16:
-#if defined(LONGLLAMA_BF16_AVX512)
+#if defined(LONGLLAMA_BF16_KERNEL)
         if (bf16_kernel && with_bf16_shape(D_, [&](auto cf, auto tw) {
-              bf16_values<cf(), tw()>(s, r, static_cast<const uint16_t*>(b.v), visible, D_, acc);
+              bf16_values<decltype(cf)::value, typename decltype(tw)::type>(s, r, static_cast<const uint16_t*>(b.v),
+                                                                             visible, D_, acc);
             }))
           break;
 #endif

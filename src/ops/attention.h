@@ -28,7 +28,7 @@ void kv_block_to_f32(const KVBlock& b, int D, float* k, float* v);
 class HeadAttention {
  public:
   static constexpr int kGemmMinQueries = 16;
-  // The AVX-512 bf16 decode kernel (on by default where built); off = the Highway path, for
+  // The bf16 decode kernel (AVX-512 or AVX2; on by default where built); off = the Highway path, for
   // tests and benchmarks that compare the two.
   static inline bool bf16_kernel = true;
   // How far ahead (bytes) the fused decode loops prefetch key/value rows; 0 = off (benchmarks).
