@@ -23,10 +23,15 @@ std::string read_text_file(const std::string& path, const std::string& what) {
 ProgressLine::ProgressLine(std::string label) : label_(std::move(label)), t0_(clock::now()) {}
 
 void ProgressLine::operator()(int64_t done, int64_t total) {
+  if (!started_) {  // tokens/s and the ETA count from the first report, not from construction
+    started_ = true;
+    t0_ = clock::now();
+    done0_ = done;
+  }
   const double s = std::chrono::duration<double>(clock::now() - t0_).count();
-  if (done < total && s - last_ < 0.25) return;
+  if (done < total && s - last_ < 0.25 && done > done0_) return;
   last_ = s;
-  const double rate = s > 0 ? double(done) / s : 0.0;
+  const double rate = s > 0 ? double(done - done0_) / s : 0.0;
   const double eta = rate > 0 ? double(total - done) / rate : 0.0;
   std::fprintf(stderr, "\r%s: %lld/%lld tokens (%.1f%%), %.0f tok/s, ETA %.0f s   ", label_.c_str(), (long long)done,
                (long long)total, total > 0 ? 100.0 * double(done) / double(total) : 100.0, rate, eta);

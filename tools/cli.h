@@ -39,6 +39,8 @@ class ProgressLine {
   using clock = std::chrono::steady_clock;
   std::string label_;
   clock::time_point t0_;
+  int64_t done0_ = 0;
+  bool started_ = false;
   double last_ = -1.0;
 };
 

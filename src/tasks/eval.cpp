@@ -25,6 +25,7 @@ void ingest(Session& s, Weights& w, const int* ids, int64_t n, const IngestProgr
   w.config.last_context_length = 0;
   const int64_t W = w.config.max_position_embeddings;
   const int64_t block = W * std::max<int64_t>(1, (int64_t(1) << 16) / W);
+  if (progress && n > 0) progress(0, n);  // the start: rates count from here, not from building the prompt
   try {
     for (int64_t b = 0; b < n; b += block) {
       const int64_t e = std::min(n, b + block);
