@@ -6,7 +6,7 @@
 // lets one AVX-512 VNNI instruction advance 16 rows by 4 elements each, with one int32 lane per
 // row: no horizontal sums, one scale multiply per block for all 16 rows (llama.cpp repacks its
 // CPU weights for the same reason). The portable AVX2 build does the same in two halves of 8 rows
-// with vpmaddubsw + vpmaddwd (Q8_0/Q4_0 only; its F16/BF16 matrices stay in rows). Per group of 16 rows and per block b of 32 columns:
+// with vpmaddubsw + vpmaddwd, and F16/BF16 groups with one ymm accumulator per row. Per group of 16 rows and per block b of 32 columns:
 //   32 bytes  the 16 rows' f16 scales
 //   Q8_0: 8 x 64 bytes; chunk k holds, for row r, bytes 4r..4r+3 = elements 4k..4k+3 of row r,
 //         stored as unsigned (w + 128), so that vpdpbusd (unsigned x signed) applies; the +128
