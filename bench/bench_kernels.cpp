@@ -88,36 +88,50 @@ void BM_ReadDram(benchmark::State& st) {
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(bufs[0]->bytes()));
 }
 
-// Runs `sample` (which reads `bytes`) range(0) times, each between two BandwidthProbe passes, and
-// reports the kernel's share of the bandwidth of its own moment. This VM's bandwidth jumps between
-// regimes (~33 and ~55 GB/s here, for seconds to minutes), so the shares are split by the probe
-// (above or below 44 GB/s): ratio_high/ratio_low are medians, n_high/n_low the sample counts.
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+// Each sample's share of the bandwidth of its own moment, by regime.
+struct Shares {
+  std::vector<double> high, low, rates;  // share (probe > / <= 44 GB/s), bytes/s
+};
+
+// Runs `sample(it, v)` (which reads `bytes`) range(0) times, each between two BandwidthProbe
+// passes, the `variants` taking turns (v = it % variants), and returns each variant's shares of the
+// probe around it. This VM's bandwidth jumps between regimes (~33 and ~55 GB/s here, for seconds to
+// minutes), so the shares are split by the probe (above or below 44 GB/s).
 template <typename F>
-void run_paired(benchmark::State& st, size_t bytes, F&& sample) {
+std::vector<Shares> paired_turns(benchmark::State& st, size_t bytes, size_t variants, F&& sample) {
   BandwidthProbe probe(size_t(1) << 27);
-  std::vector<double> high, low, rates;
+  std::vector<Shares> out(variants);
   for (auto _ : st) {
     double last = probe.pass();
     for (int it = 0; it < int(st.range(0)); ++it) {
+      const size_t v = size_t(it) % variants;
       const auto t0 = std::chrono::steady_clock::now();
-      sample(it);
+      sample(it, v);
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double next = probe.pass(), bw = 0.5 * (last + next), rate = double(bytes) / dt;
-      (bw > 44e9 ? high : low).push_back(rate / bw);
-      rates.push_back(rate);
+      (bw > 44e9 ? out[v].high : out[v].low).push_back(rate / bw);
+      out[v].rates.push_back(rate);
       last = next;
     }
   }
-  auto median = [](std::vector<double> v) {
-    if (v.empty()) return 0.0;
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    return v[v.size() / 2];
-  };
-  st.counters["kernel_bytes_per_second"] = median(rates);
-  st.counters["ratio_high"] = median(high);
-  st.counters["n_high"] = double(high.size());
-  st.counters["ratio_low"] = median(low);
-  st.counters["n_low"] = double(low.size());
+  return out;
+}
+
+// One variant: ratio_high/ratio_low are the medians of the shares, n_high/n_low the sample counts.
+template <typename F>
+void run_paired(benchmark::State& st, size_t bytes, F&& sample) {
+  const Shares r = paired_turns(st, bytes, 1, [&](int it, size_t) { sample(it); })[0];
+  st.counters["kernel_bytes_per_second"] = median(r.rates);
+  st.counters["ratio_high"] = median(r.high);
+  st.counters["n_high"] = double(r.high.size());
+  st.counters["ratio_low"] = median(r.low);
+  st.counters["n_low"] = double(r.low.size());
 }
 
 // Decode-like matvec sweeps: LongLLaMA-3B's seven matrices per layer, 8 layers cycled, 4 layers
@@ -141,6 +155,25 @@ void BM_DecodeSweepPaired(benchmark::State& st, DType t) {
   });
 }
 
+// H heads of D over n tokens of bf16 memory, keys = values = N(0, 1).
+std::unique_ptr<KVMemory> random_bf16_memory(int H, int D, int n) {
+  auto mem = std::make_unique<KVMemory>(H, D, MemDType::BF16);
+  std::vector<float> k(size_t(KVMemory::kChunkTokens) * H * D);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : k) v = nd(rng);
+  for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem->append(k.data(), k.data(), KVMemory::kChunkTokens, H * D);
+  return mem;
+}
+
+// Reads `rows` bf16 rows of D (a plain sum, so the compiler keeps the loads).
+uint64_t read_rows(const void* p, int rows, int D) {
+  const auto* w = static_cast<const uint64_t*>(p);
+  uint64_t sum = 0;
+  for (size_t o = 0; o < size_t(rows) * D * 2 / 8; ++o) sum += w[o];
+  return sum;
+}
+
 // The decode memory attention as Session::attention runs it: a range of heads per thread, chunk by
 // chunk, all their keys and then all their values. `read_only`: just read those bytes in that order.
 void memory_attention_ranges(const KVMemory& mem, const float* q, float* out, int H, int D, bool read_only = false) {
@@ -150,19 +183,15 @@ void memory_attention_ranges(const KVMemory& mem, const float* q, float* out, in
     std::vector<HeadAttention> att;
     for (int h = h0; h < h1; ++h) att.emplace_back(q + size_t(h) * D, 1, D, D);
     uint64_t sum = 0;
-    auto read = [&](const void* p, int rows) {
-      const auto* w = static_cast<const uint64_t*>(p);
-      for (size_t o = 0; o < size_t(rows) * D * 2 / 8; ++o) sum += w[o];
-    };
     for (int64_t b = 0; b < mem.size(); b += KVMemory::kChunkTokens) {
       for (int h = h0; h < h1; ++h) {
         const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
-        if (read_only) read(blk.k, blk.n);
+        if (read_only) sum += read_rows(blk.k, blk.n, D);
         else att[size_t(h - h0)].add_keys(blk);
       }
       for (int h = h0; h < h1; ++h) {
         const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
-        if (read_only) read(blk.v, blk.n);
+        if (read_only) sum += read_rows(blk.v, blk.n, D);
         else att[size_t(h - h0)].add_values(blk);
       }
     }
@@ -174,15 +203,10 @@ void memory_attention_ranges(const KVMemory& mem, const float* q, float* out, in
 // The decode memory attention: 32 heads of 100 over a bf16 memory of range(1) tokens each, one
 // query per head, heads across the threads as in a memory layer (2.5 GB at 64k tokens: 3 layers).
 void BM_MemoryAttentionPaired(benchmark::State& st) {
-  const int n = int(st.range(1)), D = 100, H = 32;
-  KVMemory mem(H, D, MemDType::BF16);
-  std::vector<float> k(size_t(KVMemory::kChunkTokens) * H * D);
-  std::mt19937 rng(3);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (float& v : k) v = nd(rng);
-  for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, H * D);
+  const int D = 100, H = 32;
+  const auto mem = random_bf16_memory(H, D, int(st.range(1)));
   std::vector<float> q(size_t(H) * D, 0.1f), out(size_t(H) * D);
-  run_paired(st, mem.bytes(), [&](int) { memory_attention_ranges(mem, q.data(), out.data(), H, D); });
+  run_paired(st, mem->bytes(), [&](int) { memory_attention_ranges(*mem, q.data(), out.data(), H, D); });
 }
 
 // The order in which the decode memory attention reads a 32-head bf16 memory (64k tokens), the
@@ -193,68 +217,35 @@ void BM_MemoryAttentionPaired(benchmark::State& st) {
 //   ranges_no_prefetch: the same without the kernel's software prefetch;
 //   read_heads / read_ranges: only reading the same bytes in those two orders.
 void BM_MemoryAttentionOrder(benchmark::State& st) {
-  const int n = 65536, D = 100, H = 32;
+  const int D = 100, H = 32;
   const std::vector<std::string> names = {"heads", "ranges", "ranges_no_prefetch", "read_heads", "read_ranges"};
-  KVMemory mem(H, D, MemDType::BF16);
-  std::vector<float> k(size_t(KVMemory::kChunkTokens) * H * D);
-  std::mt19937 rng(3);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (float& v : k) v = nd(rng);
-  for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, H * D);
+  const auto mem = random_bf16_memory(H, D, 65536);
   std::vector<float> q(size_t(H) * D, 0.1f), out(size_t(H) * D);
-  auto read = [&](const void* p, size_t bytes) {
-    const auto* w = static_cast<const uint64_t*>(p);
-    uint64_t sum = 0;
-    for (size_t o = 0; o < bytes / 8; ++o) sum += w[o];
-    benchmark::DoNotOptimize(sum);
-  };
-  const size_t row_bytes = size_t(D) * 2;
-  auto run = [&](size_t v) {
+  const auto shares = paired_turns(st, mem->bytes(), names.size(), [&](int, size_t v) {
     const int saved = HeadAttention::prefetch_bytes;
     if (v == 2) HeadAttention::prefetch_bytes = 0;
     if (v == 0 || v == 3) {
 #pragma omp parallel for schedule(dynamic, 1)
       for (int h = 0; h < H; ++h) {
         HeadAttention att(q.data() + size_t(h) * D, 1, D, D);
-        for (int64_t b = 0; b < mem.size();) {
-          const KVBlock blk = mem.block(h, b, KVMemory::kChunkTokens);
-          if (v == 0) {
-            att.add(blk);
-          } else {
-            read(blk.k, size_t(blk.n) * row_bytes);
-            read(blk.v, size_t(blk.n) * row_bytes);
-          }
+        uint64_t sum = 0;
+        for (int64_t b = 0; b < mem->size();) {
+          const KVBlock blk = mem->block(h, b, KVMemory::kChunkTokens);
+          if (v == 0) att.add(blk);
+          else sum += read_rows(blk.k, blk.n, D) + read_rows(blk.v, blk.n, D);
           b += blk.n;
         }
         att.finish(out.data() + size_t(h) * D, D);
+        benchmark::DoNotOptimize(sum);
       }
     } else {
-      memory_attention_ranges(mem, q.data(), out.data(), H, D, v == 4);
+      memory_attention_ranges(*mem, q.data(), out.data(), H, D, v == 4);
     }
     HeadAttention::prefetch_bytes = saved;
-  };
-  BandwidthProbe probe(size_t(1) << 27);
-  std::vector<std::vector<double>> high(names.size()), low(names.size());
-  for (auto _ : st) {
-    double last = probe.pass();
-    for (int it = 0; it < int(st.range(0)); ++it) {
-      const size_t v = size_t(it) % names.size();
-      const auto t0 = std::chrono::steady_clock::now();
-      run(v);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double next = probe.pass(), bw = 0.5 * (last + next);
-      (bw > 44e9 ? high : low)[v].push_back(double(mem.bytes()) / dt / bw);
-      last = next;
-    }
-  }
-  auto median = [](std::vector<double> v) {
-    if (v.empty()) return 0.0;
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    return v[v.size() / 2];
-  };
+  });
   for (size_t v = 0; v < names.size(); ++v) {
-    st.counters["hi_" + names[v]] = median(high[v]);
-    st.counters["lo_" + names[v]] = median(low[v]);
+    st.counters["hi_" + names[v]] = median(shares[v].high);
+    st.counters["lo_" + names[v]] = median(shares[v].low);
   }
 }
 

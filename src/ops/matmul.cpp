@@ -62,11 +62,7 @@ inline hn::Vec<DI32> madd16(hn::Vec<DI16> a, hn::Vec<DI16> b, hn::Vec<DI32> acc)
 // (Debian 12) exposes neither, hence these kernels; the Highway versions below are the path for
 // other targets, and the tests check every path against the same reference.
 #define LONGLLAMA_INT8_X86 1
-inline float hsum8(__m256 v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
+using simd::hsum8;
 // Σ u[i] * s[i] over 32 unsigned x signed int8 pairs, as 8 int32 partial sums added to acc.
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "ops/matmul.h"
+#include "ops/simd.h"
 #include "util/error.h"
 #include "util/half.h"
 
@@ -295,11 +296,7 @@ using VF = __m256;  // 8 floats
 inline VF vzero() { return _mm256_setzero_ps(); }
 inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
 inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(VF v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
+inline float vsum(VF v) { return simd::hsum8(v); }
 template <DType T>
 inline VF widen(const uint8_t* p) {  // 8 halves -> 8 floats
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

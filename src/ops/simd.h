@@ -1,12 +1,26 @@
 #pragma once
-// Small Highway helpers shared by the kernels (static dispatch: compiled for the build's -march).
+// Small Highway helpers shared by the kernels (static dispatch: compiled for the build's -march),
+// and the one x86 reduction the intrinsic kernels share.
 #include <type_traits>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "util/half.h"
 
 namespace ll::simd {
+
+#if defined(__AVX2__)
+// The sum of a ymm's 8 floats.
+inline float hsum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#endif
 
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
