@@ -493,6 +493,30 @@ TEST(Passkey, PromptHitsLengthAndDepthWithTheRealTokenizer) {
   EXPECT_THROW(tasks::passkey_prompt(tok, 20, 0.5, 1), Error);
 }
 
+// The search counts tokens word by word (passkey.cpp); the prompt it picks must still be the
+// largest that fits by a full encode, for OpenLLaMA's tokenizers and the shipped model's own.
+TEST(Passkey, PromptIsTheLargestThatFits) {
+  std::vector<fs::path> models = {fs::path(LONGLLAMA_TOKENIZER_DIR) / "openllama_v1.model", kTok,
+                                  fs::path(LONGLLAMA_SOURCE_DIR) / "models" / "passkey" / "tokenizer.model"};
+  int checked = 0;
+  for (const auto& m : models) {
+    if (!fs::exists(m)) continue;
+    Tokenizer tok(m.string());
+    for (int64_t n : {300, 5000, 60000})
+      for (double depth : {0.2, 0.9}) {
+        const auto p = tasks::passkey_prompt(tok, n, depth, 2718);
+        EXPECT_LE(int64_t(p.ids.size()), n) << m << " " << n;
+        auto body = tok.encode(tasks::passkey_text(p.n_garbage, p.n_prefix, 2718));
+        EXPECT_EQ(int64_t(body.size()) + 1, int64_t(p.ids.size())) << m << " " << n;
+        const int64_t g = p.n_garbage + 1;
+        const auto longer = tok.encode(tasks::passkey_text(g, int64_t(std::floor(depth * double(g))), 2718));
+        EXPECT_GT(int64_t(longer.size()) + 1, n) << m << " " << n << " " << depth;
+        ++checked;
+      }
+  }
+  if (checked == 0) GTEST_SKIP() << "no tokenizer found";
+}
+
 TEST(Passkey, TrainingDocuments) {
   if (!fs::exists(kTok)) GTEST_SKIP() << "no tokenizer at " << kTok;
   Tokenizer tok(kTok.string());

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <unordered_map>
 
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
@@ -47,17 +49,42 @@ double passkey_chars_per_token(const Tokenizer& tok) {
   return double(filler_prefix(9000).size()) / double(tok.encode(filler_prefix(9000)).size());
 }
 
-PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth, int key, double chars_per_token) {
-  if (!(depth >= 0.0 && depth <= 1.0)) throw Error("passkey: depth must be in [0, 1]");
-  auto prefix_of = [&](int64_t g) { return std::min(g, int64_t(std::floor(depth * double(g)))); };
-  auto count = [&](int64_t g) { return 1 + int64_t(tok.encode(passkey_text(g, prefix_of(g), key)).size()); };
-  const int64_t base = count(0);
-  if (base > tokens)
-    throw Error("passkey: a prompt needs at least " + std::to_string(base) + " tokens, asked for " +
-                std::to_string(tokens));
-  // Characters per token of the filler, then secant steps and a final bisection on the largest
-  // n_garbage that fits (token counts grow with n_garbage, up to a token of jitter at cut words).
-  const double r = chars_per_token > 0 ? chars_per_token : passkey_chars_per_token(tok);
+namespace {
+// Token counts by words. SentencePiece splits its input at spaces before encoding
+// (split_by_whitespace), so a text's token count is the sum of its space-separated words' counts,
+// each word encoded alone (with the dummy prefix, as after a space). A prompt of 1M tokens repeats a
+// few dozen distinct words: counting it this way takes milliseconds where a full encode takes
+// seconds, and the search below needs ~10 counts. passkey_prompt checks the result against one
+// full encode and falls back to full encodes for a tokenizer where it does not hold.
+class WordCounter {
+ public:
+  explicit WordCounter(const Tokenizer& tok) : tok_(tok) {}
+  int64_t count(const std::string& text) {
+    int64_t n = 0;
+    size_t i = 0;
+    while (i < text.size()) {
+      while (i < text.size() && text[i] == ' ') ++i;
+      size_t j = i;
+      while (j < text.size() && text[j] != ' ') ++j;
+      if (j > i) {
+        auto [it, fresh] = cache_.try_emplace(text.substr(i, j - i), 0);
+        if (fresh) it->second = int64_t(tok_.encode(it->first).size());
+        n += it->second;
+      }
+      i = j;
+    }
+    return n;
+  }
+
+ private:
+  const Tokenizer& tok_;
+  std::unordered_map<std::string, int64_t> cache_;
+};
+
+// The largest g with count(g) <= tokens (count grows with g, up to a token of jitter at cut words):
+// secant steps from the filler's characters per token, then a bisection.
+template <class Count>
+int64_t largest_fit(Count count, int64_t tokens, int64_t base, double r) {
   int64_t lo = 0, hi = -1;  // count(lo) <= tokens < count(hi)
   int64_t g = int64_t(double(tokens - base) * r);
   for (int it = 0; it < 8 && g > lo && (hi < 0 || g < hi); ++it) {
@@ -83,13 +110,35 @@ PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth,
     if (count(mid) <= tokens) lo = mid;
     else hi = mid;
   }
+  return lo;
+}
+}  // namespace
+
+PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth, int key, double chars_per_token) {
+  if (!(depth >= 0.0 && depth <= 1.0)) throw Error("passkey: depth must be in [0, 1]");
+  auto prefix_of = [&](int64_t g) { return std::min(g, int64_t(std::floor(depth * double(g)))); };
+  auto text_of = [&](int64_t g) { return passkey_text(g, prefix_of(g), key); };
+  auto exact = [&](int64_t g) { return 1 + int64_t(tok.encode(text_of(g)).size()); };
+  WordCounter words(tok);
+  auto by_words = [&](int64_t g) { return 1 + words.count(text_of(g)); };
+  const int64_t base = exact(0);
+  if (base > tokens)
+    throw Error("passkey: a prompt needs at least " + std::to_string(base) + " tokens, asked for " +
+                std::to_string(tokens));
+  const double r = chars_per_token > 0 ? chars_per_token : passkey_chars_per_token(tok);
+  const bool additive = by_words(0) == base;
+  int64_t g = largest_fit(additive ? std::function<int64_t(int64_t)>(by_words) : exact, tokens, base, r);
+  auto body = tok.encode(text_of(g));
+  if (additive && 1 + int64_t(body.size()) != by_words(g)) {  // not additive here after all
+    g = largest_fit(exact, tokens, base, r);
+    body = tok.encode(text_of(g));
+  }
   PasskeyPrompt p;
   p.key = key;
   p.depth = depth;
-  p.n_garbage = lo;
-  p.n_prefix = prefix_of(lo);
+  p.n_garbage = g;
+  p.n_prefix = prefix_of(g);
   p.ids.push_back(tok.bos());
-  const auto body = tok.encode(passkey_text(lo, p.n_prefix, key));
   p.ids.insert(p.ids.end(), body.begin(), body.end());
   p.answer = tok.encode(std::to_string(key));
   return p;
