@@ -316,6 +316,32 @@ void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool 
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(mem.bytes()));
 }
 
+// One decoded query's exact top-k scan (TopKScorer, k = 32) over n memory keys of one head of 100
+// (random keys, so the heap sees realistic replacement traffic). Bytes: the keys only; compare with
+// BM_MemoryAttention, which reads keys and values.
+void BM_TopKScan(benchmark::State& st, MemDType type) {
+  const int n = int(st.range(0)), D = 100;
+  KVMemory mem(1, D, type);
+  std::vector<float> k(size_t(KVMemory::kChunkTokens) * D);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : k) v = nd(rng);
+  for (int done = 0; done < n; done += KVMemory::kChunkTokens) mem.append(k.data(), k.data(), KVMemory::kChunkTokens, D);
+  std::vector<float> q(D);
+  for (float& v : q) v = nd(rng);
+  for (auto _ : st) {
+    TopKScorer topk(q.data(), 1, D, D, 32);
+    for (int64_t b = 0; b < mem.size();) {
+      const KVBlock blk = mem.block(0, b, KVMemory::kChunkTokens);
+      topk.add(blk, b);
+      b += blk.n;
+    }
+    auto hits = topk.take(0);
+    benchmark::DoNotOptimize(hits.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(mem.bytes() / 2));
+}
+
 }  // namespace
 
 BENCHMARK_CAPTURE(BM_Matvec, f32, DType::F32, false)->UseRealTime();
@@ -344,6 +370,9 @@ BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
 // Args: memory tokens, keys per block (the session uses 1024).
+BENCHMARK_CAPTURE(BM_TopKScan, bf16, MemDType::BF16)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_TopKScan, f16, MemDType::F16)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_TopKScan, f32, MemDType::F32)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->Args({262144, 256})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16, false)->Args({65536, 1024})->UseRealTime();

@@ -23,30 +23,39 @@ std::vector<float> randn(size_t n, uint32_t seed) {
 
 }  // namespace
 
+// Each key type the memory stores, scored per query (fewer than 16) or by sgemm (16 and more).
 TEST(TopK, MatchesBruteForceForBothPaths) {
   const int D = 24, n = 1000, k = 7;
-  for (int nq : {1, 5, 16, 20}) {
-    const auto q = randn(size_t(nq) * D, 1), keys = randn(size_t(n) * D, 2);
-    std::vector<uint16_t> kb(keys.size());
-    for (size_t i = 0; i < keys.size(); ++i) kb[i] = f32_to_bf16(keys[i]);
-    TopKScorer s(q.data(), nq, D, D, k);
-    for (int b = 0; b < n; b += 300) s.add({DType::BF16, &kb[size_t(b) * D], nullptr, std::min(300, n - b)}, b);
-    for (int i = 0; i < nq; ++i) {
-      std::vector<std::pair<double, int>> all;
-      for (int j = 0; j < n; ++j) {
-        double dot = 0;
-        for (int d = 0; d < D; ++d) dot += double(q[size_t(i) * D + d]) * bf16_to_f32(kb[size_t(j) * D + d]);
-        all.push_back({dot / std::sqrt(double(D)), j});
+  for (DType t : {DType::BF16, DType::F16, DType::F32})
+    for (int nq : {1, 5, 16, 20}) {
+      const auto q = randn(size_t(nq) * D, 1), keys = randn(size_t(n) * D, 2);
+      std::vector<uint16_t> kh(keys.size());
+      std::vector<float> kf(keys.size());  // the keys as stored, widened
+      for (size_t i = 0; i < keys.size(); ++i) {
+        kh[i] = t == DType::BF16 ? f32_to_bf16(keys[i]) : f32_to_f16(keys[i]);
+        kf[i] = t == DType::BF16 ? bf16_to_f32(kh[i]) : t == DType::F16 ? f16_to_f32(kh[i]) : keys[i];
       }
-      std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first > b.first; });
-      const auto hits = s.take(i);
-      ASSERT_EQ(hits.size(), size_t(k));
-      for (int r = 0; r < k; ++r) {
-        EXPECT_EQ(hits[r].index, all[r].second) << "nq " << nq << " query " << i << " rank " << r;
-        EXPECT_NEAR(hits[r].score, all[r].first, 1e-4);
+      TopKScorer s(q.data(), nq, D, D, k);
+      for (int b = 0; b < n; b += 300) {
+        const void* kp = t == DType::F32 ? static_cast<const void*>(&keys[size_t(b) * D]) : &kh[size_t(b) * D];
+        s.add({t, kp, nullptr, std::min(300, n - b)}, b);
+      }
+      for (int i = 0; i < nq; ++i) {
+        std::vector<std::pair<double, int>> all;
+        for (int j = 0; j < n; ++j) {
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += double(q[size_t(i) * D + d]) * kf[size_t(j) * D + d];
+          all.push_back({dot / std::sqrt(double(D)), j});
+        }
+        std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first > b.first; });
+        const auto hits = s.take(i);
+        ASSERT_EQ(hits.size(), size_t(k));
+        for (int r = 0; r < k; ++r) {
+          EXPECT_EQ(hits[r].index, all[r].second) << int(t) << " nq " << nq << " query " << i << " rank " << r;
+          EXPECT_NEAR(hits[r].score, all[r].first, 1e-4);
+        }
       }
     }
-  }
 }
 
 TEST(TopK, FewerKeysThanKKeepsAll) {

@@ -619,10 +619,21 @@ void TopKScorer::add(const KVBlock& b, int64_t first_index) {
       for (int j = 0; j < b.n; ++j) push(i, S[size_t(i) * b.n + j] / sqrt_d_, first_index + j);
     return;
   }
-  const size_t rb = row_bytes(kt, D_);
-  const auto* K = static_cast<const uint8_t*>(keys);
-  for (int i = 0; i < nq_; ++i)
-    for (int j = 0; j < b.n; ++j) push(i, dot_row(kt, K + j * rb, q_ + size_t(i) * ldq_, D_) / sqrt_d_, first_index + j);
+  // A few queries (decoding): the block's scores with the dense path's row kernel (four keys per
+  // pass over q), then only the keys that beat a full heap's worst touch it.
+  scores_.resize(size_t(b.n));
+  for (int i = 0; i < nq_; ++i) {
+    const float* qi = q_ + size_t(i) * ldq_;
+    float* s = scores_.data();
+    switch (kt) {
+      case DType::BF16: score_rows(qi, static_cast<const hwy::bfloat16_t*>(keys), b.n, D_, sqrt_d_, s); break;
+      case DType::F16: score_rows(qi, static_cast<const hwy::float16_t*>(keys), b.n, D_, sqrt_d_, s); break;
+      default: score_rows(qi, static_cast<const float*>(keys), b.n, D_, sqrt_d_, s);
+    }
+    auto& h = heaps_[size_t(i)];
+    for (int j = 0; j < b.n; ++j)
+      if (int(h.size()) < k_ || s[j] > h.front().score) push(i, s[j], first_index + j);
+  }
 }
 
 std::vector<TopKScorer::Hit> TopKScorer::take(int i) {
