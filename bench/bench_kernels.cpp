@@ -369,10 +369,11 @@ BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
-// Args: memory tokens, keys per block (the session uses 1024).
+// Arg: memory tokens.
 BENCHMARK_CAPTURE(BM_TopKScan, bf16, MemDType::BF16)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_TopKScan, f16, MemDType::F16)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_TopKScan, f32, MemDType::F32)->Arg(65536)->UseRealTime();
+// Args: memory tokens, keys per block (the session uses 1024).
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->Args({262144, 256})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16, false)->Args({65536, 1024})->UseRealTime();

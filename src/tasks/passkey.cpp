@@ -83,8 +83,7 @@ class WordCounter {
 
 // The largest g with count(g) <= tokens (count grows with g, up to a token of jitter at cut words):
 // secant steps from the filler's characters per token, then a bisection.
-template <class Count>
-int64_t largest_fit(Count count, int64_t tokens, int64_t base, double r) {
+int64_t largest_fit(const std::function<int64_t(int64_t)>& count, int64_t tokens, int64_t base, double r) {
   int64_t lo = 0, hi = -1;  // count(lo) <= tokens < count(hi)
   int64_t g = int64_t(double(tokens - base) * r);
   for (int it = 0; it < 8 && g > lo && (hi < 0 || g < hi); ++it) {
@@ -127,7 +126,7 @@ PasskeyPrompt passkey_prompt(const Tokenizer& tok, int64_t tokens, double depth,
                 std::to_string(tokens));
   const double r = chars_per_token > 0 ? chars_per_token : passkey_chars_per_token(tok);
   const bool additive = by_words(0) == base;
-  int64_t g = largest_fit(additive ? std::function<int64_t(int64_t)>(by_words) : exact, tokens, base, r);
+  int64_t g = additive ? largest_fit(by_words, tokens, base, r) : largest_fit(exact, tokens, base, r);
   auto body = tok.encode(text_of(g));
   if (additive && 1 + int64_t(body.size()) != by_words(g)) {  // not additive here after all
     g = largest_fit(exact, tokens, base, r);
