@@ -88,7 +88,6 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
     openblas_set_num_threads(cfg_.threads);
   }
   pin_threads();
-  if (cfg_.negative_bank_size > 0) net_.enable_negative_banks(cfg_.negative_bank_size, cfg_.negative_bank_top_k);
   const ParamLayout& L = net_.layout();
   grads_.assign(L.total, 0.0f);
   if (!cfg_.init.empty()) {
@@ -275,7 +274,6 @@ StepStats Trainer::step() {
   int64_t correct = 0, counted = 0;
   for (int m = 0; m < B; m += mb) {
     const size_t at = size_t(m) * S;
-    net_.use_negative_banks(mask_.data() + at, cfg_.pack_size);
     net_.forward(params_.data(), inputs_.data() + at, mb, cb);
     const CEStats st =
         net_.backward(params_.data(), targets_.data() + at, mask_.data() + at, 1.0f / float(B), grads_.data());
