@@ -163,11 +163,12 @@ TEST(Cli, ChatAnswersEveryTurnAndKeepsGoing) {
 }
 
 // `bench --json` on a tiny random model: the fields, each a measured positive number, and
-// the decode fractions taken against the bandwidth probe paired with the tokens.
+// the decode fractions taken against the bandwidth probe paired with the tokens; with -r, the
+// samples of every repetition.
 TEST(Cli, BenchJson) {
   const fs::path dir = temp_dir("bench");
   const CliRun r = run_stdout_only("bench --random " + write_tiny_shape(dir, 256).string() +
-                                   " --type f32 -p 16 -n 4 --memory-tokens 512 -t 1 --json");
+                                   " --type f32 -p 16 -n 4 --memory-tokens 512 -t 1 -r 2 --json");
   ASSERT_EQ(r.code, 0) << r.out;
   const auto j = nlohmann::json::parse(r.out);
   for (const char* k : {"pp_tokens_per_s", "tg_tokens_per_s", "model_bytes", "peak_rss_bytes", "bandwidth_bytes_per_s",
@@ -179,5 +180,13 @@ TEST(Cli, BenchJson) {
   EXPECT_EQ(j["memory"][0]["memory_tokens"].get<int64_t>(), 512);
   EXPECT_GT(j["memory"][0]["memory_bytes"].get<double>(), 0.0);
   EXPECT_TRUE(std::isfinite(j["memory"][0]["extra_over_read_time"].get<double>()));
+  // -r 2: every figure measured twice, the reported one is one of the two (the median's pick).
+  EXPECT_EQ(j["repetitions"].get<int>(), 2);
+  for (const char* k : {"pp_tokens_per_s", "tg_tokens_per_s", "tg_fraction_of_bandwidth"}) {
+    const auto& v = j["samples"][k];
+    ASSERT_EQ(v.size(), 2u) << k;
+    EXPECT_TRUE(j[k] == v[0] || j[k] == v[1]) << k;
+  }
+  EXPECT_EQ(j["memory"][0]["samples"]["extra_over_read_time"].size(), 2u);
   fs::remove_all(dir);
 }

@@ -23,7 +23,7 @@ namespace {
 struct BenchArgs {
   std::string model, random_config;
   LoadFlags load;
-  int pp = 512, tg = 128, threads = 0;
+  int pp = 512, tg = 128, threads = 0, repetitions = 1;
   std::vector<int64_t> memory_tokens;
   bool json = false;
 };
@@ -42,6 +42,16 @@ std::vector<int> random_ids(int n, int vocab, uint64_t seed) {
 double median(std::vector<double> v) {
   std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
   return v[v.size() / 2];
+}
+
+// "median (min-max)" of repeated figures, or the one figure.
+std::string spread(const std::vector<double>& v, const char* fmt) {
+  char m[64], lo[64], hi[64];
+  std::snprintf(m, sizeof m, fmt, median(v));
+  if (v.size() == 1) return m;
+  std::snprintf(lo, sizeof lo, fmt, *std::min_element(v.begin(), v.end()));
+  std::snprintf(hi, sizeof hi, fmt, *std::max_element(v.begin(), v.end()));
+  return std::string(m) + " (" + lo + " - " + hi + ")";
 }
 
 // Decoding n tokens one at a time in each of the sessions, taking turns (a token of the first, a
@@ -108,56 +118,77 @@ int run_bench(const BenchArgs& a) {
   const size_t decode_bytes = w.matrix_bytes() - (w.lm_head.ref.data == w.embed.ref.data ? 0 : embed_bytes);
   const double matrix_params = double(decode_bytes) / ll::row_bytes(w.main_type(), c.hidden_size) * c.hidden_size;
 
-  std::fprintf(stderr, "bench: pp%d...\n", a.pp);
-  double pp_rate = 0.0;
-  {
-    ll::Session s(w);
-    const auto ids = random_ids(a.pp, c.vocab_size, 1);
-    const auto t0 = std::chrono::steady_clock::now();
-    s.forward(ids, true, ll::LogitsWanted::Last);
-    pp_rate = a.pp / seconds_since(t0);
-  }
   // Forward FLOPs of one prompt token: 2 per matrix parameter plus causal attention (q·k and p·v).
   const double attn_flops = 2.0 * 2.0 * c.hidden_size * c.num_hidden_layers * (a.pp / 2.0);
-  const double pp_flops = pp_rate * (2.0 * matrix_params + attn_flops);
-
-  std::fprintf(stderr, "bench: tg%d...\n", a.tg);
-  DecodeTiming tg;
-  {
-    ll::Session s(w);
-    tg = decode_paired({&s}, a.tg, c.vocab_size, probe)[0];
-  }
-  const double tg_rate = tg.tokens_per_s;
-
-  nlohmann::json mem_rows = nlohmann::json::array();
+  // Sessions with memory are filled once; every repetition decodes a few more tokens in them.
+  struct MemoryRun {
+    int64_t tokens;
+    std::unique_ptr<ll::Session> empty, full;
+    std::vector<double> tg_rate, extra_s, extra_over_read, probe;
+  };
+  std::vector<MemoryRun> mem_runs;
   for (int64_t m : a.memory_tokens) {
     if (c.mem_layers.empty()) throw ll::Error("bench: --memory-tokens needs a model with memory layers");
-    std::fprintf(stderr, "bench: tg%d with %lld tokens in memory...\n", a.tg, (long long)m);
-    // An empty session and one with m memory tokens take turns, so each token with memory has a
-    // token without it from the same moment: their difference, as the bytes the probe streams in
-    // that time, over the bytes of the memory's keys and values is the ratio the target bounds
-    // (1 = exactly one read of them at the bandwidth of the moment).
-    ll::Session empty(w), s(w);
-    s.fill_memory_random(m, 3);
-    const auto both = decode_paired({&empty, &s}, a.tg, c.vocab_size, probe);
-    const DecodeTiming& t = both[1];
-    std::vector<double> extra_eq, extra_dt;
-    for (int i = 0; i < a.tg; ++i) {
-      extra_eq.push_back(t.equivalent[i] - both[0].equivalent[i]);
-      extra_dt.push_back(t.seconds[i] - both[0].seconds[i]);
-    }
-    const double extra_s = median(extra_dt);
-    const double memory_bytes = double(s.memory_bytes());
-    mem_rows.push_back({{"memory_tokens", m},
-                        {"tg_tokens_per_s", t.tokens_per_s},
-                        {"memory_bytes", memory_bytes},
-                        {"extra_seconds_per_token", extra_s},
-                        {"probe_median_bytes_per_s", t.probe_median},
-                        {"extra_over_read_time", median(extra_eq) / memory_bytes}});
+    mem_runs.push_back({m, std::make_unique<ll::Session>(w), std::make_unique<ll::Session>(w), {}, {}, {}, {}});
+    mem_runs.back().full->fill_memory_random(m, 3);
   }
+  // Every repetition measures pp, tg and each memory size again; figures are medians over them
+  // (these machines switch bandwidth regimes within seconds).
+  std::vector<double> pp_rates, tg_rates, tg_fractions, tg_probes;
+  for (int rep = 0; rep < a.repetitions; ++rep) {
+    if (a.repetitions > 1) std::fprintf(stderr, "bench: repetition %d of %d\n", rep + 1, a.repetitions);
+    std::fprintf(stderr, "bench: pp%d...\n", a.pp);
+    {
+      ll::Session s(w);
+      const auto ids = random_ids(a.pp, c.vocab_size, 1);
+      const auto t0 = std::chrono::steady_clock::now();
+      s.forward(ids, true, ll::LogitsWanted::Last);
+      pp_rates.push_back(a.pp / seconds_since(t0));
+    }
+    std::fprintf(stderr, "bench: tg%d...\n", a.tg);
+    {
+      ll::Session s(w);
+      const DecodeTiming tg = decode_paired({&s}, a.tg, c.vocab_size, probe)[0];
+      tg_rates.push_back(tg.tokens_per_s);
+      tg_fractions.push_back(double(decode_bytes) / median(tg.equivalent));
+      tg_probes.push_back(tg.probe_median);
+    }
+    for (MemoryRun& mr : mem_runs) {
+      std::fprintf(stderr, "bench: tg%d with %lld tokens in memory...\n", a.tg, (long long)mr.tokens);
+      // The empty session and the one with memory take turns, so each token with memory has a
+      // token without it from the same moment: their difference, as the bytes the probe streams
+      // in that time, over the bytes of the memory's keys and values is the ratio the target
+      // bounds (1 = exactly one read of them at the bandwidth of the moment).
+      const auto both = decode_paired({mr.empty.get(), mr.full.get()}, a.tg, c.vocab_size, probe);
+      const DecodeTiming& t = both[1];
+      std::vector<double> extra_eq, extra_dt;
+      for (int i = 0; i < a.tg; ++i) {
+        extra_eq.push_back(t.equivalent[i] - both[0].equivalent[i]);
+        extra_dt.push_back(t.seconds[i] - both[0].seconds[i]);
+      }
+      mr.tg_rate.push_back(t.tokens_per_s);
+      mr.extra_s.push_back(median(extra_dt));
+      mr.extra_over_read.push_back(median(extra_eq) / double(mr.full->memory_bytes()));
+      mr.probe.push_back(t.probe_median);
+    }
+  }
+  const double pp_rate = median(pp_rates), tg_rate = median(tg_rates);
+  const double pp_flops = pp_rate * (2.0 * matrix_params + attn_flops);
+  nlohmann::json mem_rows = nlohmann::json::array();
+  for (const MemoryRun& mr : mem_runs)
+    mem_rows.push_back({{"memory_tokens", mr.tokens},
+                        {"tg_tokens_per_s", median(mr.tg_rate)},
+                        {"memory_bytes", double(mr.full->memory_bytes())},
+                        {"extra_seconds_per_token", median(mr.extra_s)},
+                        {"probe_median_bytes_per_s", median(mr.probe)},
+                        {"extra_over_read_time", median(mr.extra_over_read)},
+                        {"samples",
+                         {{"tg_tokens_per_s", mr.tg_rate},
+                          {"extra_over_read_time", mr.extra_over_read},
+                          {"probe_median_bytes_per_s", mr.probe}}}});
 
   const double bw_after = ll::measure_read_bandwidth();
-  const double peak = std::max(bw_before, bw_after), bw = tg.probe_median;
+  const double peak = std::max(bw_before, bw_after), bw = median(tg_probes);
   for (auto& r : mem_rows) {
     const double read_s = r["memory_bytes"].get<double>() / peak;
     r["memory_read_seconds_at_peak_bandwidth"] = read_s;
@@ -179,7 +210,7 @@ int run_bench(const BenchArgs& a) {
                       {"pp_fraction_of_sgemm", pp_flops / sgemm},
                       {"tg_tokens_per_s", tg_rate},
                       {"tg_bytes_per_s", tg_bw},
-                      {"tg_fraction_of_bandwidth", double(decode_bytes) / median(tg.equivalent)},
+                      {"tg_fraction_of_bandwidth", median(tg_fractions)},
                       {"tg_fraction_of_peak_bandwidth", tg_bw / peak},
                       {"memory", mem_rows},
                       {"peak_rss_bytes", rss},
@@ -187,7 +218,13 @@ int run_bench(const BenchArgs& a) {
                       {"bandwidth_probe_bytes", probe.bytes()},
                       {"bandwidth_peak_bytes_per_s", peak},
                       {"bandwidth_peak_before_after", {bw_before, bw_after}},
-                      {"sgemm_flops_per_s", sgemm}};
+                      {"sgemm_flops_per_s", sgemm},
+                      {"repetitions", a.repetitions},
+                      {"samples",
+                       {{"pp_tokens_per_s", pp_rates},
+                        {"tg_tokens_per_s", tg_rates},
+                        {"tg_fraction_of_bandwidth", tg_fractions},
+                        {"bandwidth_bytes_per_s", tg_probes}}}};
   if (a.json) {
     std::cout << j.dump(2) << std::endl;
     return 0;
@@ -197,16 +234,22 @@ int run_bench(const BenchArgs& a) {
               bw / 1e9, peak / 1e9, sgemm / 1e9, threads);
   std::printf("model: %s, %s, %.2f GB of matrices, loaded in %.2f s, peak RSS %.2f GB\n\n",
               j["model"].get<std::string>().c_str(), type.c_str(), w.matrix_bytes() / 1e9, load_s, rss / 1e9);
+  if (a.repetitions > 1)
+    std::printf("%d repetitions: medians, with (min-max) over the repetitions\n\n", a.repetitions);
+  std::vector<double> pp_fractions;
+  for (double r : pp_rates) pp_fractions.push_back(100.0 * r * (2.0 * matrix_params + attn_flops) / sgemm);
+  std::vector<double> tg_percent;
+  for (double f : tg_fractions) tg_percent.push_back(100.0 * f);
   std::printf("| test            |      t/s | implied           | of the limit |\n");
   std::printf("| --------------- | -------: | ----------------- | -----------: |\n");
-  std::printf("| pp%-13d | %8.2f | %6.1f GFLOP/s    | %5.1f%% sgemm |\n", a.pp, pp_rate, pp_flops / 1e9,
-              100.0 * pp_flops / sgemm);
-  std::printf("| tg%-13d | %8.2f | %6.1f GB/s       | %5.1f%% bw    |\n", a.tg, tg_rate, tg_bw / 1e9,
-              100.0 * j["tg_fraction_of_bandwidth"].get<double>());
-  for (const auto& r : mem_rows)
-    std::printf("| tg%d @ mem %-6lld | %8.2f | +%.1f ms/token    | %5.2fx read  |\n", a.tg,
-                (long long)r["memory_tokens"].get<int64_t>(), r["tg_tokens_per_s"].get<double>(),
-                1e3 * r["extra_seconds_per_token"].get<double>(), r["extra_over_read_time"].get<double>());
+  std::printf("| pp%-13d | %8s | %6.1f GFLOP/s    | %s sgemm |\n", a.pp, spread(pp_rates, "%8.2f").c_str(),
+              pp_flops / 1e9, spread(pp_fractions, "%5.1f%%").c_str());
+  std::printf("| tg%-13d | %8s | %6.1f GB/s       | %s bw    |\n", a.tg, spread(tg_rates, "%8.2f").c_str(),
+              tg_bw / 1e9, spread(tg_percent, "%5.1f%%").c_str());
+  for (const MemoryRun& mr : mem_runs)
+    std::printf("| tg%d @ mem %-6lld | %8s | +%.1f ms/token    | %s read  |\n", a.tg, (long long)mr.tokens,
+                spread(mr.tg_rate, "%8.2f").c_str(), 1e3 * median(mr.extra_s),
+                spread(mr.extra_over_read, "%5.2fx").c_str());
   std::printf("\nagainst the peak bandwidth instead: tg %.1f%%", 100.0 * tg_bw / peak);
   for (const auto& r : mem_rows)
     std::printf(", mem %lld %.2fx read", (long long)r["memory_tokens"].get<int64_t>(),
@@ -227,6 +270,10 @@ void add_bench_commands(CLI::App& app, Commands& out) {
   b->add_option("--memory-tokens", a->memory_tokens, "Also time tg with this many tokens in memory (repeatable)")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
   b->add_option("-t,--threads", a->threads, "Threads (default: all cores)")->check(CLI::Range(1, 1 << 30));
+  b->add_option("-r,--repetitions", a->repetitions,
+                "Measure pp, tg and each memory size this many times; report medians (and min-max)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
   b->add_flag("--json", a->json, "Print one JSON object");
   a->load.add(b);
   out.push_back({b, [a] { return run_bench(*a); }});
