@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <random>
 
 #include "train/backward_ops.h"
 #include "train/crossbatch.h"
+#include "train/negative_bank.h"
 
 using namespace ll::train;
 using Vec = std::vector<double>;
@@ -219,8 +221,10 @@ TEST(CrossBatch, PackSizeRule) {
 namespace {
 
 // Direct evaluation of crossbatch attention from its definition (no gemm, no shared code).
+// `extra` may add keys of its own to a query's softmax (the negative bank's).
+using ExtraKeys = std::function<void(int b, int h, int i, std::vector<std::pair<double, const double*>>& keys)>;
 Vec attention_reference(const CrossBatch& cb, int B, int S, int H, int D, const Vec& Q, const Vec& Kown, const Vec& Kx,
-                        const Vec& V) {
+                        const Vec& V, const ExtraKeys& extra = {}) {
   const int ld = H * D;
   Vec O(size_t(B) * S * ld, 0.0);
   for (int b = 0; b < B; ++b)
@@ -235,6 +239,7 @@ Vec attention_reference(const CrossBatch& cb, int B, int S, int H, int D, const 
         for (int j = 0; j <= i; ++j) keys.push_back({score(Kown, b * S + j), &V[(b * S + j) * ld + h * D]});
         for (int e = b - cb.contexts(b) + 1; e < b; ++e)
           for (int j = 0; j < S; ++j) keys.push_back({score(Kx, e * S + j), &V[(e * S + j) * ld + h * D]});
+        if (extra) extra(b, h, i, keys);
         double mx = -1e300, z = 0;
         for (auto& k : keys) mx = std::max(mx, k.first);
         for (auto& k : keys) z += std::exp(k.first - mx);
@@ -345,4 +350,58 @@ TEST(CrossBatch, BackwardTeamMatchesSerialBits) {
   double norm = 0;
   for (float x : grads[1][0]) norm += double(x) * x;
   EXPECT_GT(norm, 0.0);
+}
+
+// The negative bank joins each chosen row's top_k bank keys to its softmax: the forward pass
+// against the direct evaluation with those keys added (chosen by brute force over what the ring
+// holds after it wrapped), gradients of Q, K and V against finite differences (bank keys are
+// constants), and rows not chosen unchanged.
+TEST(NegativeBank, JoinsTopKeysToTheSoftmax) {
+  const int B = 4, S = 6, H = 2, D = 4, ld = H * D, top_k = 5, bank_size = 20, pushed = 27;
+  const CrossBatch cb{2, 1, true, true};
+  std::mt19937_64 rng(41);
+  const size_t n = size_t(B) * S * ld;
+  Vec Q = randn(n, rng), Kown = randn(n, rng), Kx = randn(n, rng), V = randn(n, rng), w = randn(n, rng);
+  const Vec bank_k = randn(size_t(pushed) * ld, rng, 1.5), bank_v = randn(size_t(pushed) * ld, rng);
+  NegativeBank<double> bank(bank_size, top_k, H, D);
+  bank.push(bank_k.data(), bank_v.data(), 10);  // two pushes: the ring wraps and drops the 7 oldest
+  bank.push(bank_k.data() + 10 * ld, bank_v.data() + 10 * ld, pushed - 10);
+  EXPECT_EQ(bank.rows(), bank_size);
+  const std::vector<int> rows = {1, 6, 11, 17, 23};
+  Vec lse(size_t(B) * H * S), O(n);
+  auto forward = [&] {
+    attention_fwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data());
+    bank.select(Q.data(), rows);
+    bank.merge_fwd(S, lse.data(), O.data());
+    return dot(O, w);
+  };
+  forward();
+  const ExtraKeys extra = [&](int b, int h, int i, std::vector<std::pair<double, const double*>>& keys) {
+    if (std::find(rows.begin(), rows.end(), b * S + i) == rows.end()) return;
+    std::vector<std::pair<double, int>> scored;  // the ring holds pushed rows 7 .. 26
+    for (int r = pushed - bank_size; r < pushed; ++r) {
+      double sc = 0;
+      for (int j = 0; j < D; ++j) sc += Q[(b * S + i) * ld + h * D + j] * bank_k[r * ld + h * D + j];
+      scored.push_back({sc / std::sqrt(double(D)), r});
+    }
+    std::sort(scored.rbegin(), scored.rend());
+    for (int t = 0; t < top_k; ++t) keys.push_back({scored[t].first, &bank_v[scored[t].second * ld + h * D]});
+  };
+  const Vec ref = attention_reference(cb, B, S, H, D, Q, Kown, Kx, V, extra);
+  const Vec plain = attention_reference(cb, B, S, H, D, Q, Kown, Kx, V);
+  double fwd_err = 0, moved = 0;
+  for (size_t i = 0; i < n; ++i) {
+    fwd_err = std::max(fwd_err, std::abs(O[i] - ref[i]));
+    moved = std::max(moved, std::abs(ref[i] - plain[i]));
+  }
+  EXPECT_LT(fwd_err, 1e-12);
+  EXPECT_GT(moved, 1e-3);  // the bank keys matter
+  Vec dQ(n), dKown(n), dKx(n), dV(n);
+  attention_bwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data(), w.data(), dQ.data(),
+                dKown.data(), dKx.data(), dV.data());
+  bank.add_dq(S, lse.data(), O.data(), w.data(), dQ.data());
+  expect_small("bank dQ", grad_error(Q, dQ, forward));
+  expect_small("bank dKown", grad_error(Kown, dKown, forward));
+  expect_small("bank dKx", grad_error(Kx, dKx, forward));
+  expect_small("bank dV", grad_error(V, dV, forward));
 }

@@ -492,3 +492,38 @@ TEST(TrainLoop, StopsAtEvalAccuracy) {
   fs::remove_all(full);
   fs::remove_all(stopped);
 }
+
+// The negative bank (with and without a momentum copy) is used: training differs from the same run
+// without it, and stays independent of the thread count. It needs memory layers without positions.
+TEST(TrainLoop, NegativeBankIsUsedAndDeterministic) {
+  auto run = [](const json& bank, int threads) {
+    const fs::path dir = temp_dir("bank" + std::to_string(threads));
+    json j = copy_run(dir, 4);
+    j["model"]["mem_positionals"] = false;
+    j["cross_batch"]["schedule"] = json::array({{{"range", 1}}});
+    if (!bank.is_null()) j["negative_bank"] = bank;
+    j["threads"] = threads;
+    Trainer t(config_of(j), Trainer::Start::Fresh);
+    for (int i = 0; i < 4; ++i) t.step();
+    fs::remove_all(dir);
+    return t.params();
+  };
+  const std::vector<float> plain = run(nullptr, 1);
+  for (double momentum : {0.0, 0.5}) {
+    const json bank = {{"size", 48}, {"top_k", 4}, {"momentum", momentum}};
+    const std::vector<float> one = run(bank, 1), two = run(bank, 2);
+    EXPECT_TRUE(one == two) << "momentum " << momentum;
+    EXPECT_FALSE(one == plain) << "momentum " << momentum;
+  }
+  json j = copy_run(temp_dir("bank_pos"), 1);
+  j["negative_bank"] = {{"size", 48}};
+  try {
+    config_of(j);
+    ADD_FAILURE() << "a bank with positional memory layers was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mem_positionals"), std::string::npos) << e.what();
+  }
+  j["model"]["mem_positionals"] = false;
+  j["negative_bank"]["momentum"] = 1.0;
+  EXPECT_THROW(config_of(j), Error);
+}

@@ -19,6 +19,28 @@ CrossBatch Network<T>::layer_cb(int layer) const {
 }
 
 template <typename T>
+void Network<T>::enable_negative_banks(int64_t size, int top_k) {
+  banks_.clear();
+  banks_.resize(config_.num_hidden_layers);
+  for (int l = 0; l < config_.num_hidden_layers; ++l)
+    if (config_.is_mem_layer(l))
+      banks_[l] = std::make_unique<NegativeBank<T>>(size, top_k, config_.heads_in(l), config_.head_dim_in(l));
+}
+
+template <typename T>
+void Network<T>::push_banks_from(const Network<T>& other) {
+  const int64_t rows = int64_t(other.B_) * other.S_;
+  for (int l = 0; l < config_.num_hidden_layers; ++l)
+    if (banks_[l]) banks_[l]->push(other.acts_[l].K.data(), other.acts_[l].V.data(), rows);
+}
+
+template <typename T>
+void Network<T>::use_negative_banks(const uint8_t* mask, int pack) {
+  bank_mask_ = banks_.empty() ? nullptr : mask;
+  bank_pack_ = banks_.empty() ? 0 : pack;
+}
+
+template <typename T>
 const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBatch& cb) {
   const ModelConfig& c = config_;
   const int S = S_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads,
@@ -27,6 +49,10 @@ const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBa
   B_ = B;
   cb_ = cb;
   inputs_.assign(inputs, inputs + N);
+  bank_rows_.clear();
+  if (bank_pack_ > 0)
+    for (int r = 0; r < N; ++r)
+      if (bank_mask_[r]) bank_rows_.push_back(r);
   std::vector<T>& x = x_;
   std::vector<T>& tmp = tmp_;
   x.resize(size_t(N) * d);
@@ -57,6 +83,10 @@ const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBa
     const int Hl = c.heads_in(l), Dl = c.head_dim_in(l);  // RoPE layers have H heads (config.cpp)
     a.lse.resize(size_t(B) * Hl * S);
     attention_fwd(lcb, B, S, Hl, Dl, a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data());
+    if (bank_pack_ > 0 && banks_[l]) {
+      banks_[l]->select(a.Q.data(), bank_rows_);
+      banks_[l]->merge_fwd(S, a.lse.data(), a.att.data());
+    }
     linear_fwd(a.att.data(), N, d, p + o.wo, d, tmp.data());
     for (size_t i = 0; i < x.size(); ++i) a.x_mid[i] = x[i] + tmp[i];
     rmsnorm_fwd(a.x_mid.data(), p + o.ffn_norm, N, d, eps, a.xn2.data(), a.rstd2.data());
@@ -114,6 +144,7 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
     const T* kown = rope ? a.Kr.data() : a.K.data();
     attention_bwd(layer_cb(l), B, S, c.heads_in(l), c.head_dim_in(l), a.Q.data(), kown, a.K.data(), a.V.data(),
                   a.lse.data(), a.att.data(), datt.data(), dQ.data(), dKown.data(), dKx.data(), dV.data());
+    if (bank_pack_ > 0 && banks_[l]) banks_[l]->add_dq(S, a.lse.data(), a.att.data(), datt.data(), dQ.data());
     if (rope) {
       rope_bwd(dQ.data(), N, d, H, rope_, S);
       rope_bwd(dKown.data(), N, d, H, rope_, S);
@@ -125,6 +156,15 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
     rmsnorm_bwd(a.x_in.data(), p + o.attn_norm, a.rstd1.data(), dxn.data(), N, d, dx.data(), g + o.attn_norm);
   }
   embedding_bwd(dx.data(), d, inputs_.data(), N, g + layout_.embed);
+  if (bank_pack_ > 0) {  // after the backward pass: the selections above index the banks as they were
+    const int64_t ld = d;
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+      if (banks_[l] && !bank_external_)
+        for (int b = 0; b < B; b += bank_pack_)
+          banks_[l]->push(acts_[l].K.data() + int64_t(b) * S * ld, acts_[l].V.data() + int64_t(b) * S * ld, S);
+    bank_pack_ = 0;
+    bank_mask_ = nullptr;
+  }
   return st;
 }
 

@@ -5,11 +5,13 @@
 // plus the logits; attention keeps only a log-sum-exp per query and head (its probabilities are
 // recomputed), so memory does not depend on the crossbatch range.
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "model/config.h"
 #include "train/backward_ops.h"
 #include "train/crossbatch.h"
+#include "train/negative_bank.h"
 #include "train/params.h"
 
 namespace ll::train {
@@ -34,6 +36,18 @@ class Network {
   // their gradient (call forward again before another loss/backward).
   CEStats backward(const T* params, const int* targets, const uint8_t* mask, T loss_scale, T* grads);
 
+  // Negative banks (negative_bank.h), one per memory layer, each `size` rows, top_k per query.
+  void enable_negative_banks(int64_t size, int top_k);
+  // For the next forward + backward only: the rows with mask != 0 ([B·S], the loss rows) use the
+  // banks, and after the backward pass the keys and values of entries b with b % pack == 0 (the
+  // first chunk of each pack: definitions, in the dictionary task) join them. Forward passes
+  // without this call (evaluation) neither read nor change the banks.
+  void use_negative_banks(const uint8_t* mask, int pack);
+  // Banks filled by another network (a momentum copy) instead of this one's own keys.
+  void set_bank_external(bool external) { bank_external_ = external; }
+  // Appends all rows of `other`'s last forward (its memory layers' keys and values) to the banks.
+  void push_banks_from(const Network<T>& other);
+
  private:
   struct LayerActs {
     std::vector<T> x_in, xn, rstd1, Q, K, Kr, V, lse, att, x_mid, xn2, rstd2, G, U, A;
@@ -50,6 +64,11 @@ class Network {
   std::vector<int> inputs_;
   std::vector<LayerActs> acts_;
   std::vector<T> x_final_, xf_, rstd_f_, logits_;
+  std::vector<std::unique_ptr<NegativeBank<T>>> banks_;  // by layer; null: not a memory layer / no bank
+  std::vector<int> bank_rows_;
+  const uint8_t* bank_mask_ = nullptr;
+  bool bank_external_ = false;
+  int bank_pack_ = 0;  // > 0: the current forward + backward use the banks
   // Workspaces kept across calls (re-allocating them every micro-batch costs page faults).
   std::vector<T> x_, tmp_, dx_, dxn_, datt_, dQ_, dKown_, dKx_, dV_, dA_, dG_, dU_;
 };

@@ -82,7 +82,8 @@ json read_json(const std::string& path, const std::string& what) {
 
 std::vector<std::string> resume_sensitive_fields() {
   return {"model",     "init",        "data",      "seq_len", "batch_size", "micro_batch_size",
-          "pack_size", "cross_batch", "optimizer", "seed", "mem_query_scale", "init_copy_rows"};
+          "pack_size", "cross_batch", "optimizer", "seed", "mem_query_scale", "init_copy_rows",
+          "negative_bank"};
 }
 
 TrainConfig TrainConfig::from_file(const std::string& path) {
@@ -260,6 +261,17 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
   f.get("mem_query_scale", c.mem_query_scale);
   if (!(c.mem_query_scale > 0) || !std::isfinite(c.mem_query_scale))
     throw Error(f.name("mem_query_scale") + ": must be a positive number");
+  if (f.has("negative_bank")) {
+    Fields nb(f.at("negative_bank"), f.name("negative_bank"));
+    nb.get("size", c.negative_bank_size, int64_t(0));
+    nb.get("top_k", c.negative_bank_top_k, 1);
+    nb.get("momentum", c.negative_bank_momentum);
+    if (!(c.negative_bank_momentum >= 0 && c.negative_bank_momentum < 1))
+      throw Error(nb.name("momentum") + ": must be in [0, 1)");
+    nb.done();
+    if (c.negative_bank_size > 0 && c.model.mem_positionals)
+      throw Error(nb.name("size") + ": a negative bank needs memory layers without positions (mem_positionals false)");
+  }
   if (f.has("init_copy_rows")) {
     Fields r(f.at("init_copy_rows"), f.name("init_copy_rows"));
     std::vector<int> rows, from;

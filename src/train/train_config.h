@@ -70,6 +70,15 @@ struct TrainConfig {
   // Multiplies the memory layers' query projections once, before the first step: a softmax
   // temperature for memory attention (chosen on held-out seeds; see models/dict-recipe).
   double mem_query_scale = 1.0;
+  // "negative_bank": {"size": rows, "top_k": k, "momentum": m}: stale negative keys for the memory
+  // layers (negative_bank.h); size 0 = off. With m > 0 the bank's keys come from a copy of the
+  // parameters updated as m·copy + (1 - m)·params after each step (MoCo's momentum encoder); with
+  // m = 0, from the trained network itself, which destabilized training (docs/tasks.md, session
+  // 17). A resumed run starts with an empty bank and a fresh copy, so it is not bit for bit the
+  // uninterrupted run.
+  int64_t negative_bank_size = 0;
+  int negative_bank_top_k = 32;
+  double negative_bank_momentum = 0;  // > 0: bank keys from an EMA copy of the parameters
   // "init_copy_rows": before the first step, token rows [rows_begin, rows_end) of the embedding
   // and the LM head become copies of rows from_begin + (r - rows_begin) % (from_end - from_begin)
   // plus N(0, noise): tokens the init never trained start from trained ones (a vocabulary

@@ -88,6 +88,7 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
     openblas_set_num_threads(cfg_.threads);
   }
   pin_threads();
+  if (cfg_.negative_bank_size > 0) net_.enable_negative_banks(cfg_.negative_bank_size, cfg_.negative_bank_top_k);
   const ParamLayout& L = net_.layout();
   grads_.assign(L.total, 0.0f);
   if (!cfg_.init.empty()) {
@@ -102,6 +103,11 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
     scale_memory_queries(nullptr);
   }
   build_data();
+  if (cfg_.negative_bank_size > 0 && cfg_.negative_bank_momentum > 0) {
+    ema_net_ = std::make_unique<Network<float>>(cfg_.model, cfg_.seq_len);
+    ema_params_ = params_;
+    net_.set_bank_external(true);
+  }
 
   describe();
   if (start == Start::Bench) return;
@@ -274,9 +280,18 @@ StepStats Trainer::step() {
   int64_t correct = 0, counted = 0;
   for (int m = 0; m < B; m += mb) {
     const size_t at = size_t(m) * S;
+    net_.use_negative_banks(mask_.data() + at, cfg_.pack_size);
+    if (ema_net_) {  // the definition chunks of this micro-batch through the momentum copy
+      ema_inputs_.clear();
+      for (int b = 0; b < mb; b += cfg_.pack_size)
+        ema_inputs_.insert(ema_inputs_.end(), inputs_.begin() + at + size_t(b) * S,
+                           inputs_.begin() + at + size_t(b + 1) * S);
+      ema_net_->forward(ema_params_.data(), ema_inputs_.data(), mb / cfg_.pack_size, CrossBatch{1, 0, true, true});
+    }
     net_.forward(params_.data(), inputs_.data() + at, mb, cb);
     const CEStats st =
         net_.backward(params_.data(), targets_.data() + at, mask_.data() + at, 1.0f / float(B), grads_.data());
+    if (ema_net_) net_.push_banks_from(*ema_net_);
     loss_sum += st.loss_sum;
     correct += st.correct;
     counted += st.counted;
@@ -288,6 +303,10 @@ StepStats Trainer::step() {
   s.range = cb.range;
   s.lr = learning_rate(cfg_.optimizer, step_ + 1, cfg_.steps);
   s.grad_norm = adam_.update(params_.data(), grads_.data(), step_ + 1, s.lr);
+  if (ema_net_) {
+    const float m = float(cfg_.negative_bank_momentum);
+    for (size_t i = 0; i < params_.size(); ++i) ema_params_[i] = m * ema_params_[i] + (1 - m) * params_[i];
+  }
   ++step_;
   s.step = step_;
   s.loss = loss_sum / B;

@@ -80,6 +80,9 @@ class Trainer {
   TrainConfig cfg_;
   Log log_;
   Network<float> net_;
+  std::unique_ptr<Network<float>> ema_net_;  // negative_bank momentum: computes the bank's keys
+  std::vector<float> ema_params_;
+  std::vector<int> ema_inputs_;
   std::vector<float> params_, grads_;
   AdamW adam_;
   std::string tokenizer_bytes_;
