@@ -116,6 +116,7 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
   if (start == Start::Resume) {
     if (!latest) throw Error(ckroot.string() + ": no checkpoint to resume from");
     restore(*latest);
+    if (ema_net_) ema_params_ = params_;  // the momentum copy starts again from the resumed parameters
   } else if (latest) {
     throw Error(cfg_.output + ": already holds checkpoints (" + *latest +
                 "); pass --resume to continue that run, or choose another output directory");
