@@ -6,7 +6,8 @@
 // while an evaluation memory holds millions; the keys that beat the target there are the rare
 // high scorers the training softmax never met. The bank keeps the keys and values the memory
 // layer produced for the definition chunks of the last steps (a ring of `size` rows, no
-// gradient: they are constants, computed with older parameters), and each chosen query (the
+// gradient: they are constants, computed with older parameters, or by the trainer's momentum
+// copy of them, which keeps training stable; docs/tasks.md, session 17), and each chosen query (the
 // rows the loss reads) adds its `top_k` best-scoring bank keys to its one softmax over local and
 // crossbatch keys. Only the query gets their gradient, as in MoCo's queue of negatives.
 //
