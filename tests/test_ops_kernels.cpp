@@ -253,6 +253,27 @@ TEST(QuantRow, PlainTypesRoundToNearestEven) {
   }
 }
 
+// The vectorized widening of F16/BF16 rows against the scalar definitions, for every one of the
+// 65,536 bit patterns (NaNs: still NaN), at an odd length so that the scalar tail runs too.
+TEST(QuantRow, HalfRowsWidenEveryBitPattern) {
+  std::vector<uint16_t> bits(65536 + 7);
+  for (size_t i = 0; i < bits.size(); ++i) bits[i] = uint16_t(i * 40503u);  // odd multiplier: a permutation
+  for (DType t : {DType::F16, DType::BF16}) {
+    const auto out = lib_dequantize(t, bits.data(), int64_t(bits.size()));
+    for (size_t i = 0; i < bits.size(); ++i) {
+      const float want = t == DType::F16 ? ll::f16_to_f32(bits[i]) : ll::bf16_to_f32(bits[i]);
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(out[i])) << ll::dtype_name(t) << " bits " << bits[i];
+        continue;
+      }
+      uint32_t got_u, want_u;
+      std::memcpy(&got_u, &out[i], 4);
+      std::memcpy(&want_u, &want, 4);
+      ASSERT_EQ(got_u, want_u) << ll::dtype_name(t) << " bits " << bits[i];
+    }
+  }
+}
+
 TEST(QuantRow, Q8_0BitExactAgainstGgmlReference) {
   std::mt19937_64 rng(103);
   const int nb = 9 * 7 * 4;
