@@ -271,13 +271,27 @@ void BM_Matvec_LibrarySgemv(benchmark::State& st) {
 // Prefill: our matmul (panel dequantization + sgemm) for n tokens; FLOP/s counter.
 void BM_Matmul(benchmark::State& st, DType t) {
   const int n = int(st.range(0));
-  TestMatrix m(t, kRows, kCols);
+  TestMatrix m(t, kRows, kCols, should_group(t, kRows, kCols));  // the layout Weights gives the model
   std::vector<float> x(size_t(n) * kCols, 0.01f), y(size_t(n) * kRows);
   for (auto _ : st) {
     matmul(m.ref, x.data(), n, y.data());
     benchmark::DoNotOptimize(y.data());
   }
   st.counters["FLOP/s"] = benchmark::Counter(2.0 * n * kRows * kCols * double(st.iterations()), benchmark::Counter::kIsRate);
+}
+
+// Prefill's dequantization alone: 64 grouped rows of 3200 (800 KB of floats, L2-resident), one
+// thread; elements/s. Matmul above is this plus sgemm, so this says what the widening costs.
+void BM_DequantizeGrouped(benchmark::State& st, DType t) {
+  constexpr int kPanelRows = 64;
+  TestMatrix m(t, kPanelRows, kCols, true);
+  std::vector<float> out(size_t(kPanelRows) * kCols);
+  for (auto _ : st) {
+    dequantize_grouped(t, static_cast<const uint8_t*>(m.ref.data), kCols, 0, kPanelRows, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  st.counters["elements/s"] =
+      benchmark::Counter(double(kPanelRows) * kCols * double(st.iterations()), benchmark::Counter::kIsRate);
 }
 
 // Decoding over memory: one query of one head against a memory of range(0) tokens (bf16 or q8) in
@@ -368,7 +382,11 @@ BENCHMARK_CAPTURE(BM_MatvecDram, q4_0_grouped, DType::Q4_0, true)->Arg(0)->Arg(2
 BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Matmul, q8_0, DType::Q8_0)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, q4_0, DType::Q4_0)->Arg(512)->UseRealTime();
+BENCHMARK_CAPTURE(BM_DequantizeGrouped, f16, DType::F16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_DequantizeGrouped, q8_0, DType::Q8_0)->UseRealTime();
+BENCHMARK_CAPTURE(BM_DequantizeGrouped, q4_0, DType::Q4_0)->UseRealTime();
 // Arg: memory tokens.
 BENCHMARK_CAPTURE(BM_TopKScan, bf16, MemDType::BF16)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_TopKScan, f16, MemDType::F16)->Arg(65536)->UseRealTime();
