@@ -60,6 +60,22 @@ void BM_Matvec(benchmark::State& st, DType t, bool grouped) {
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(m.bytes()));
 }
 
+// One core's compute ceiling: range(0) rows of 3200 on one thread, few enough (0.2-0.8 MB) to stay
+// in that core's L2 (1 MiB per core on the Xeon VMs) between calls. Compare with the per-core share
+// of BM_ReadDram: a kernel whose figure here is not well above it is compute-bound in decoding.
+void BM_MatvecOneCore(benchmark::State& st, DType t) {
+  const int prev = omp_get_max_threads(), rows = int(st.range(0));
+  omp_set_num_threads(1);
+  TestMatrix m(t, rows, kCols, should_group(t, rows, kCols));
+  std::vector<float> y(static_cast<size_t>(rows), 0.0f);
+  for (auto _ : st) {
+    matvec(m.ref, m.x.data(), y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(m.bytes()));
+  omp_set_num_threads(prev);
+}
+
 // The same kernel cycling through 12 matrices (0.2-0.7 GB), so every byte comes from DRAM as in a
 // decoded token (one 8640 x 3200 matrix fits the 32 MiB L3 at q4_0 and q8_0). Read next to
 // BM_ReadBandwidth: the ratio is the kernel's share of the machine's streaming bandwidth.
@@ -367,6 +383,10 @@ BENCHMARK_CAPTURE(BM_Matvec, q8_0_rows, DType::Q8_0, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q8_0_grouped, DType::Q8_0, true)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_rows, DType::Q4_0, false)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matvec, q4_0_grouped, DType::Q4_0, true)->UseRealTime();
+// Arg: rows.
+BENCHMARK_CAPTURE(BM_MatvecOneCore, f16, DType::F16)->Arg(128)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecOneCore, q8_0, DType::Q8_0)->Arg(256)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecOneCore, q4_0, DType::Q4_0)->Arg(256)->UseRealTime();
 BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_DecodeSweepPaired, f16, DType::F16)->Arg(300)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_DecodeSweepPaired, q8_0, DType::Q8_0)->Arg(300)->Iterations(1)->UseRealTime();
