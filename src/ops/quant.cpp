@@ -4,9 +4,9 @@
 #include <cmath>
 #include <cstring>
 #include <string>
-#include <type_traits>
 
 #include "hwy/highway.h"
+#include "ops/simd.h"
 #include "util/error.h"
 #include "util/half.h"
 
@@ -80,23 +80,22 @@ namespace {
 // ~40% of an f16 pp512 on a Xeon VM (bench_kernels BM_Matmul/f16, session 18). Exact: every half
 // is a float.
 template <typename H>
-void widen_halves(const uint16_t* bits, int64_t n, float* out) {
+void widen_halves(const void* row, int64_t n, float* out) {
   namespace hn = hwy::HWY_NAMESPACE;
-  const hn::ScalableTag<float> df;
-  const hn::Rebind<H, decltype(df)> dh;
-  const auto* r = reinterpret_cast<const H*>(bits);
+  const simd::DF df;
+  const auto* r = static_cast<const H*>(row);
   const int64_t N = int64_t(hn::Lanes(df));
   int64_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, r + i)), df, out + i);
-  for (; i < n; ++i) out[i] = std::is_same_v<H, hwy::bfloat16_t> ? bf16_to_f32(bits[i]) : f16_to_f32(bits[i]);
+  for (; i + N <= n; i += N) hn::StoreU(simd::load_f32(df, r + i), df, out + i);
+  for (; i < n; ++i) out[i] = simd::scalar_f32(r[i]);
 }
 }  // namespace
 
 void dequantize_row(DType t, const void* row, int64_t n, float* out) {
   switch (t) {
     case DType::F32: std::memcpy(out, row, size_t(n) * 4); return;
-    case DType::F16: widen_halves<hwy::float16_t>(static_cast<const uint16_t*>(row), n, out); return;
-    case DType::BF16: widen_halves<hwy::bfloat16_t>(static_cast<const uint16_t*>(row), n, out); return;
+    case DType::F16: widen_halves<hwy::float16_t>(row, n, out); return;
+    case DType::BF16: widen_halves<hwy::bfloat16_t>(row, n, out); return;
     case DType::Q8_0: {
       auto* b = static_cast<const BlockQ8_0*>(row);
       for (int64_t i = 0; i < n / kQBlock; ++i) {
