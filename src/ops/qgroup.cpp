@@ -47,7 +47,10 @@ bool should_group(DType t, int64_t rows, int64_t cols) {
 #if defined(LONGLLAMA_GROUP_VNNI) || defined(LONGLLAMA_GROUP_AVX2)
   if (t == DType::Q8_0 || t == DType::Q4_0) return true;
 #endif
-#if defined(LONGLLAMA_GROUP_AVX512) || defined(LONGLLAMA_GROUP_AVX2)
+#if defined(LONGLLAMA_GROUP_AVX512)
+  // F16/BF16 only with AVX-512: with AVX2 the 16 ymm accumulators leave no register free, and on a
+  // Zen 3 EPYC the grouped AVX2 kernel read 0.48-0.55 of the paired bandwidth where the 4-row
+  // kernel on the plain rows reads 0.89-0.93 (BM_DecodeSweepPaired/f16, docs/performance.md).
   if (is_half(t)) return true;
 #endif
   return false;
@@ -295,9 +298,8 @@ void matvec_grouped_scalar(DType t, const uint8_t* data, int64_t rows, int64_t c
     }
 }
 
-#if defined(LONGLLAMA_GROUP_AVX512) || defined(LONGLLAMA_GROUP_AVX2)
-namespace {
 #if defined(LONGLLAMA_GROUP_AVX512)
+namespace {
 using VF = __m512;  // 16 floats
 inline VF vzero() { return _mm512_setzero_ps(); }
 inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
@@ -309,23 +311,9 @@ inline VF widen(const uint8_t* p) {  // 16 halves -> 16 floats
   if constexpr (T == DType::F16) return _mm512_cvtph_ps(h);
   else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-#else
-using VF = __m256;  // 8 floats
-inline VF vzero() { return _mm256_setzero_ps(); }
-inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
-inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(VF v) { return simd::hsum8(v); }
-template <DType T>
-inline VF widen(const uint8_t* p) {  // 8 halves -> 8 floats
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if constexpr (T == DType::F16) return _mm256_cvtph_ps(h);
-  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-#endif
 
 // One accumulator per row of the group: a group block is one contiguous kilobyte, so each thread
 // reads a single stream (BM_MatvecDram, 2 threads: 43-45 GB/s vs 36 for four row streams each).
-// With AVX2 the 16 accumulators fill the 16 ymm registers and x comes from memory (L1).
 template <DType T>
 void matvec_half_groups(const uint8_t* data, int64_t rows, int64_t cols, const float* x, float* y) {
   constexpr int L = int(sizeof(VF) / sizeof(float));  // floats per vector
@@ -352,7 +340,7 @@ void matvec_half_groups(const uint8_t* data, int64_t rows, int64_t cols, const f
 #endif
 
 void matvec_grouped(DType t, const uint8_t* data, int64_t rows, int64_t cols, const float* x, float* y) {
-#if !defined(LONGLLAMA_GROUP_AVX512) && !defined(LONGLLAMA_GROUP_AVX2)
+#if !defined(LONGLLAMA_GROUP_AVX512)
   matvec_grouped_scalar(t, data, rows, cols, x, y);
 #else
   check(t, rows, cols, "matvec_grouped");

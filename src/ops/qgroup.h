@@ -6,7 +6,8 @@
 // lets one AVX-512 VNNI instruction advance 16 rows by 4 elements each, with one int32 lane per
 // row: no horizontal sums, one scale multiply per block for all 16 rows (llama.cpp repacks its
 // CPU weights for the same reason). The portable AVX2 build does the same in two halves of 8 rows
-// with vpmaddubsw + vpmaddwd, and F16/BF16 groups with one ymm accumulator per row. Per group of 16 rows and per block b of 32 columns:
+// with vpmaddubsw + vpmaddwd; F16/BF16 groups are AVX-512 only (with AVX2 the plain rows read
+// faster, see should_group). Per group of 16 rows and per block b of 32 columns:
 //   32 bytes  the 16 rows' f16 scales
 //   Q8_0: 8 x 64 bytes; chunk k holds, for row r, bytes 4r..4r+3 = elements 4k..4k+3 of row r,
 //         stored as unsigned (w + 128), so that vpdpbusd (unsigned x signed) applies; the +128
