@@ -310,14 +310,35 @@ struct Bf16Head {
   Bf16Head(const float* q, int d) : Bf16Head(d) { split(q, 1.0f, qe, qo, &te, &to); }
   static typename W::I chunk(const uint16_t* row, int c) { return W::load(row + c * E, W::L); }
   // The tail's dot product with the query, in the low lanes of a chunk vector.
+  // TLC > 0: the tail's lane count as a constant (no branch on it inside the row loops: with one,
+  // GCC kept the accumulators in memory); 0: `tl` at run time.
+  template <int TLC>
+  int lanes() const {
+    return TLC > 0 ? TLC : tl;
+  }
+  // Runs f(std::integral_constant<int, TLC>) with the tail's lane count as a constant where the
+  // vector loads it without a mask (2 or TV::L lanes), else with 0.
+  template <typename F>
+  auto with_tail_lanes(F&& f) const {
+    if constexpr (kTail) {
+      if (tl == 2) return f(std::integral_constant<int, 2>{});
+      if (tl == TV::L) return f(std::integral_constant<int, TV::L>{});
+    }
+    return f(std::integral_constant<int, 0>{});
+  }
+  template <int TLC>
   typename W::F tail_dot(const uint16_t* row) const {
-    const auto t = TV::load(row + CF * E, tl);
+    const auto t = TV::load(row + CF * E, lanes<TLC>());
     return widen(TV::fma(TV::odd(t), to, TV::fma(TV::even(t), te, TV::zero())));
   }
 
   // s[j] = (q · K[j]) / sqrt_d, four rows at a time, their sums reduced together; returns the
   // largest (a scalar max loop after it would not vectorize: NaN rules).
   float scores(const uint16_t* K, int n, float sqrt_d, float* s) const {
+    return with_tail_lanes([&](auto tlc) { return scores_rows<decltype(tlc)::value>(K, n, sqrt_d, s); });
+  }
+  template <int TLC>
+  float scores_rows(const uint16_t* K, int n, float sqrt_d, float* s) const {
     int j = 0;
     __m128 vmax = _mm_set1_ps(-INFINITY);
     for (; j + 4 <= n; j += 4) {
@@ -341,10 +362,10 @@ struct Bf16Head {
       a2 = W::add(a2, b2);
       a3 = W::add(a3, b3);
       if constexpr (kTail) {
-        a0 = W::add(a0, tail_dot(k0));
-        a1 = W::add(a1, tail_dot(k1));
-        a2 = W::add(a2, tail_dot(k2));
-        a3 = W::add(a3, tail_dot(k3));
+        a0 = W::add(a0, tail_dot<TLC>(k0));
+        a1 = W::add(a1, tail_dot<TLC>(k1));
+        a2 = W::add(a2, tail_dot<TLC>(k2));
+        a3 = W::add(a3, tail_dot<TLC>(k3));
       }
       const __m128 sj = _mm_div_ps(W::sum4(a0, a1, a2, a3), _mm_set1_ps(sqrt_d));
       _mm_storeu_ps(s + j, sj);
@@ -360,7 +381,7 @@ struct Bf16Head {
         const auto v0 = chunk(k0, c);
         a0 = W::fma(W::odd(v0), qo[c], W::fma(W::even(v0), qe[c], a0));
       }
-      if constexpr (kTail) a0 = W::add(a0, tail_dot(k0));
+      if constexpr (kTail) a0 = W::add(a0, tail_dot<TLC>(k0));
       s[j] = W::sum1(a0) / sqrt_d;
       m = std::max(m, s[j]);
     }
@@ -368,10 +389,37 @@ struct Bf16Head {
   }
 
   // acc = acc * rescale + Σ_j p[j] · V[j], the accumulator split even/odd in registers.
+  // The accumulators are loaded from and stored to local buffers around the loop, never handed to
+  // split/merge by address: with their address taken GCC kept a copy in memory and stored all 12
+  // ymm accumulators after every row (AVX2, head of 100: the value loop ran at ~half speed).
   void accumulate(float* acc, float rescale, const float* p, const uint16_t* V, int n) const {
+    with_tail_lanes([&](auto tlc) { accumulate_rows<decltype(tlc)::value>(acc, rescale, p, V, n); });
+  }
+  template <int TLC>
+  void accumulate_rows(float* acc, float rescale, const float* p, const uint16_t* V, int n) const {
+    alignas(64) float ev[(CF + 1) * 16] = {}, od[(CF + 1) * 16] = {};
+    for (int i = 0; i < D / 2; ++i) {
+      ev[i] = acc[2 * i] * rescale;
+      od[i] = acc[2 * i + 1] * rescale;
+    }
     typename W::F ae[CF + 1], ao[CF + 1];
+    for (int c = 0; c < CF; ++c) {
+      ae[c] = W::loadf(ev + c * W::L);
+      ao[c] = W::loadf(od + c * W::L);
+    }
+    // A tail of 4 elements (a head of 100) is one xmm accumulator in element order (bf16 -> f32 by
+    // zero-extend and shift): with two split ones the AVX2 loop needs 17 registers, and the spilled
+    // pair made a store-to-load chain through every row. The same operations per element, so the
+    // same bits.
+    constexpr bool kTail4 = kTail && TLC == 2 && std::is_same_v<TV, V128>;
+    __m128 t4 = _mm_setzero_ps();
     typename TV::F tae = TV::zero(), tao = TV::zero();
-    split(acc, rescale, ae, ao, &tae, &tao);
+    if constexpr (kTail4) {
+      t4 = _mm_mul_ps(_mm_loadu_ps(acc + CF * E), _mm_set1_ps(rescale));
+    } else if constexpr (kTail) {
+      tae = TV::loadf(ev + CF * W::L);
+      tao = TV::loadf(od + CF * W::L);
+    }
     for (int j = 0; j < n; ++j) {
       const uint16_t* v = V + size_t(j) * D;
       prefetch_ahead(v, 2 * D);
@@ -381,14 +429,29 @@ struct Bf16Head {
         ae[c] = W::fma(pj, W::even(x), ae[c]);
         ao[c] = W::fma(pj, W::odd(x), ao[c]);
       }
-      if constexpr (kTail) {
-        const auto x = TV::load(v + CF * E, tl);
+      if constexpr (kTail4) {
+        const __m128i x = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + CF * E)));
+        t4 = _mm_fmadd_ps(_mm_set1_ps(p[j]), _mm_castsi128_ps(_mm_slli_epi32(x, 16)), t4);
+      } else if constexpr (kTail) {
+        const auto x = TV::load(v + CF * E, lanes<TLC>());
         const auto pt = TV::set1(p[j]);
         tae = TV::fma(pt, TV::even(x), tae);
         tao = TV::fma(pt, TV::odd(x), tao);
       }
     }
-    merge(ae, ao, tae, tao, acc);
+    for (int c = 0; c < CF; ++c) {
+      W::storef(ev + c * W::L, ae[c]);
+      W::storef(od + c * W::L, ao[c]);
+    }
+    if constexpr (kTail && !kTail4) {
+      TV::storef(ev + CF * W::L, tae);
+      TV::storef(od + CF * W::L, tao);
+    }
+    for (int i = 0; i < D / 2; ++i) {
+      acc[2 * i] = ev[i];
+      acc[2 * i + 1] = od[i];
+    }
+    if constexpr (kTail4) _mm_storeu_ps(acc + CF * E, t4);
   }
 };
 
