@@ -80,6 +80,7 @@ void BM_MatvecOneCore(benchmark::State& st, DType t) {
 // decoded token (one 8640 x 3200 matrix fits the 32 MiB L3 at q4_0 and q8_0). Read next to
 // BM_ReadBandwidth: the ratio is the kernel's share of the machine's streaming bandwidth.
 void BM_MatvecDram(benchmark::State& st, DType t, bool grouped) {
+  const int saved_prefetch = matvec_prefetch_bytes;
   matvec_prefetch_bytes = int(st.range(0));
   std::vector<std::unique_ptr<TestMatrix>> ms;
   for (int i = 0; i < 12; ++i) ms.push_back(std::make_unique<TestMatrix>(t, kRows, kCols, grouped));
@@ -91,7 +92,7 @@ void BM_MatvecDram(benchmark::State& st, DType t, bool grouped) {
     benchmark::DoNotOptimize(y.data());
   }
   st.SetBytesProcessed(int64_t(st.iterations()) * int64_t(ms[0]->bytes()));
-  matvec_prefetch_bytes = 0;
+  matvec_prefetch_bytes = saved_prefetch;
 }
 
 // The probe's loop over 12 buffers of one matrix's size (range(0) bytes), one buffer per call, as
@@ -397,8 +398,8 @@ BENCHMARK(BM_ReadDram)->Arg(15552000)->Arg(55296000)->Arg(268435456)->UseRealTim
 // Arg: software prefetch distance in bytes (0 = hardware prefetcher only).
 BENCHMARK_CAPTURE(BM_MatvecDram, f16_rows, DType::F16, false)->Arg(0)->Arg(1024)->UseRealTime();
 BENCHMARK_CAPTURE(BM_MatvecDram, f16_grouped, DType::F16, true)->Arg(0)->Arg(2048)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MatvecDram, q8_0_grouped, DType::Q8_0, true)->Arg(0)->Arg(2048)->Arg(8192)->UseRealTime();
-BENCHMARK_CAPTURE(BM_MatvecDram, q4_0_grouped, DType::Q4_0, true)->Arg(0)->Arg(2048)->Arg(8192)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, q8_0_grouped, DType::Q8_0, true)->Arg(0)->Arg(1024)->Arg(2048)->Arg(8192)->UseRealTime();
+BENCHMARK_CAPTURE(BM_MatvecDram, q4_0_grouped, DType::Q4_0, true)->Arg(0)->Arg(1024)->Arg(2048)->Arg(8192)->UseRealTime();
 BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f32, DType::F32)->Arg(64)->Arg(512)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, f16, DType::F16)->Arg(64)->Arg(512)->UseRealTime();

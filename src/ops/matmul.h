@@ -19,10 +19,12 @@ struct MatrixRef {
   const uint8_t* row(int64_t r) const;  // not for grouped matrices
 };
 
-// How far ahead (bytes) the decode matvec kernels prefetch the weights they stream; 0 = off, the
-// default: in bench_kernels' BM_MatvecDram/*/{0,1024,2048,8192} it stayed within the noise of
-// the hardware prefetcher alone. Kept so benchmarks can retry it on other machines.
-inline int matvec_prefetch_bytes = 0;
+// How far ahead (bytes) the decode matvec kernels prefetch the weights they stream (0 = off).
+// On the AVX-512 VMs (sessions 14-18) it stayed within the noise of the hardware prefetcher
+// alone; on a Zen 3 EPYC (AVX2) 1 KiB raised the kernels' share of the paired bandwidth probe from
+// 0.73-0.81 to 0.86-0.91 for q4_0/q8_0 and from 0.88 to 0.91-0.95 for f16
+// (BM_DecodeSweepPaired, docs/performance.md session 19), so it is on by default.
+inline int matvec_prefetch_bytes = 1024;
 
 // y[n, rows] = x[n, cols] · Wᵀ
 void matmul(const MatrixRef& W, const float* x, int n, float* y);

@@ -180,11 +180,14 @@ void matvec_q_groups_avx2(DType t, const uint8_t* data, int64_t rows, int64_t co
   const size_t gbb = group_block_bytes(t);
   const bool q8 = t == DType::Q8_0;
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8(char(0x80));
+  const int ahead = matvec_prefetch_bytes;
 #pragma omp parallel for schedule(guided)  // long runs first: see matvec_grouped below
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* p = data + size_t(g * nb) * gbb;
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nb; ++b, p += gbb) {
+      if (ahead > 0)
+        for (size_t o = 0; o < gbb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + o), _MM_HINT_T0);
       const __m256 xd = _mm256_set1_ps(x.d[size_t(b)]);
       const int8_t* xq = &x.q[size_t(b * kQBlock)];
       auto xk = [&](int k) {  // activation elements 4k..4k+3, broadcast to the 8 rows
