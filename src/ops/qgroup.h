@@ -27,8 +27,8 @@ namespace ll {
 
 constexpr int kGroupRows = 16;
 
-// True when this build decodes grouped matrices with its fast kernel (AVX-512 VNNI for Q8_0/Q4_0,
-// AVX-512F for F16/BF16) and the matrix fits the layout (rows % 16 == 0, cols % 32 == 0).
+// True when this build decodes grouped matrices with its fast kernel (AVX-512 VNNI or AVX2 for
+// Q8_0/Q4_0, AVX-512F for F16/BF16) and the matrix fits the layout (rows % 16 == 0, cols % 32 == 0).
 // Elsewhere the GGUF layout is kept.
 bool should_group(DType t, int64_t rows, int64_t cols);
 // GGUF rows [rows, cols] -> grouped layout (same byte count). Threads over groups.
