@@ -284,32 +284,9 @@ struct Bf16Head {
       *tol = TV::loadf(od);
     }
   }
-  // The inverse of split.
-  void merge(const typename W::F* e, const typename W::F* o, typename TV::F tel, typename TV::F tol, float* x) const {
-    for (int c = 0; c < CF; ++c) {
-      alignas(64) float ev[16], od[16];
-      W::storef(ev, e[c]);
-      W::storef(od, o[c]);
-      for (int i = 0; i < W::L; ++i) {
-        x[c * E + 2 * i] = ev[i];
-        x[c * E + 2 * i + 1] = od[i];
-      }
-    }
-    if constexpr (kTail) {
-      alignas(64) float ev[16], od[16];
-      TV::storef(ev, tel);
-      TV::storef(od, tol);
-      for (int i = 0; i < tl; ++i) {
-        x[CF * E + 2 * i] = ev[i];
-        x[CF * E + 2 * i + 1] = od[i];
-      }
-    }
-  }
-
   explicit Bf16Head(int d) : D(d), tl((d - E * CF) / 2) {}
   Bf16Head(const float* q, int d) : Bf16Head(d) { split(q, 1.0f, qe, qo, &te, &to); }
   static typename W::I chunk(const uint16_t* row, int c) { return W::load(row + c * E, W::L); }
-  // The tail's dot product with the query, in the low lanes of a chunk vector.
   // TLC > 0: the tail's lane count as a constant (no branch on it inside the row loops: with one,
   // GCC kept the accumulators in memory); 0: `tl` at run time.
   template <int TLC>
@@ -326,6 +303,7 @@ struct Bf16Head {
     }
     return f(std::integral_constant<int, 0>{});
   }
+  // The tail's dot product with the query, in the low lanes of a chunk vector.
   template <int TLC>
   typename W::F tail_dot(const uint16_t* row) const {
     const auto t = TV::load(row + CF * E, lanes<TLC>());
