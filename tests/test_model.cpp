@@ -1,6 +1,7 @@
 // The whole model against the official implementation (../shared/reference/parity), plus the
 // model loader's checks and the session's contract.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <filesystem>
 #include <fstream>
@@ -309,6 +310,43 @@ TEST(Session, TopKWithLargeKEqualsDense) {
   }
   EXPECT_LT(max_ab, 1e-5);
   EXPECT_GT(max_ac, 1e-4);  // k = 2 really drops memory keys
+}
+
+// Decoding over a memory of several chunks (the last one partial) splits the heads across the
+// threads: the logits must not depend on the thread count, and must equal the per-head path that
+// top-k with k above the memory size takes.
+TEST(Session, DecodeOverMemoryIsThreadIndependentAndMatchesTopKPath) {
+  const Model m = Model::random(tiny_config(), 17);
+  const int saved = omp_get_max_threads();
+  std::vector<std::vector<float>> logits;
+  for (int threads : {1, 2, 1}) {
+    omp_set_num_threads(threads);
+    Session s(m);
+    s.fill_memory_random(2500, 5);  // 1024 + 1024 + 452
+    logits.push_back(s.forward({3, 9, 27}, true, LogitsWanted::Last));  // 3 queries: the decode loop
+    logits.push_back(s.forward({81}, true, LogitsWanted::Last));         // 1 query, local cache of 3
+  }
+  omp_set_num_threads(saved);
+  EXPECT_EQ(logits[0], logits[2]);
+  EXPECT_EQ(logits[1], logits[3]);
+  EXPECT_EQ(logits[0], logits[4]);
+  Session t(m);
+  t.fill_memory_random(2500, 5);
+  t.set_memory_top_k(100000);
+  const auto a = t.forward({3, 9, 27}, true, LogitsWanted::Last);
+  const auto b = t.forward({81}, true, LogitsWanted::Last);
+  double max_diff = 0, max_abs = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    max_diff = std::max({max_diff, double(std::fabs(a[i] - logits[0][i])), double(std::fabs(b[i] - logits[1][i]))});
+    max_abs = std::max(max_abs, double(std::fabs(a[i])));
+  }
+  EXPECT_LT(max_diff, 1e-5);
+  EXPECT_GT(max_abs, 1e-3);
+  Session none(m);  // the memory really changes the logits
+  const auto c = none.forward({3, 9, 27}, true, LogitsWanted::Last);
+  double mem_effect = 0;
+  for (size_t i = 0; i < c.size(); ++i) mem_effect = std::max(mem_effect, double(std::fabs(c[i] - a[i])));
+  EXPECT_GT(mem_effect, 1e-3);
 }
 
 // With last_context_length 0 every token goes through memory windows; the last logits must still
