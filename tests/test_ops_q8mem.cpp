@@ -46,6 +46,29 @@ TEST(Q8Memory, RowsRoundTripWithinHalfAStep) {
   }
 }
 
+// Rows round like std::lround (half away from zero), ties and near-ties included: a row whose
+// largest magnitude is 127 has scale 1, so its elements are stored as their rounded selves.
+TEST(Q8Memory, RoundsHalfAwayFromZero) {
+  const int D = 64;
+  std::vector<float> k(D), v(D);
+  const float special[] = {127.0f, -126.5f, 0.5f, -0.5f, 1.5f, -1.5f, 2.5f, -2.5f, 0.49999997f, -0.49999997f,
+                           0.50000006f, -0.50000006f, 125.49999f, -125.50001f, 0.0f, -0.0f};
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> u(-126.9f, 126.9f);
+  for (int r = 0; r < 50; ++r) {
+    for (int e = 0; e < D; ++e) k[e] = v[e] = (r == 0 && e < 16) ? special[e] : u(rng);
+    k[D - 1] = v[D - 1] = (r % 2) ? 127.0f : -127.0f;  // amax = 127: scale 1
+    KVMemory mem(1, D, MemDType::Q8);
+    mem.append(k.data(), v.data(), 1, D);
+    const KVBlock blk = mem.block(0, 0, 1);
+    ASSERT_EQ(blk.k_scale[0], 1.0f);
+    for (int e = 0; e < D; ++e) {
+      ASSERT_EQ(static_cast<const int8_t*>(blk.k)[e], std::lround(k[e])) << "row " << r << " x " << k[e];
+      ASSERT_EQ(static_cast<const int8_t*>(blk.v)[e], std::lround(v[e])) << "row " << r << " x " << v[e];
+    }
+  }
+}
+
 // Attention over Q8 blocks equals attention over the same rows widened to float32, both paths.
 TEST(Q8Memory, AttentionMatchesWidenedRows) {
   const int D = 64, n = 700;
