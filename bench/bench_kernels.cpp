@@ -323,12 +323,15 @@ void BM_DequantizeGrouped(benchmark::State& st, DType t) {
 
 // Decoding over memory: one query of one head against a memory of range(0) tokens (bf16 or q8) in
 // blocks of range(1) keys
-// through HeadAttention (fused, widens rows in registers; with and without its software prefetch;
+// through HeadAttention (fused, widens rows in registers or, for q8 keys, integer dot products
+// against an int16 query (fused_q8) instead of widening them to float (fused_q8_float_scores);
+// with and without its software prefetch;
 // 64k tokens of one head mostly fit the L3 cache, 256k do not), vs the library path (convert to f32,
 // then sgemv for the scores and for the weighted values).
 void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool bf16_kernel = true,
-                        int prefetch_bytes = 4096) {
+                        int prefetch_bytes = 4096, bool i8_kernel = true) {
   HeadAttention::bf16_kernel = bf16_kernel;
+  HeadAttention::i8_kernel = i8_kernel;
   HeadAttention::prefetch_bytes = prefetch_bytes;
   const int n = int(st.range(0)), D = 100;
   KVMemory mem(1, D, type);
@@ -429,5 +432,6 @@ BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_highway, false, MemDType::BF16,
 BENCHMARK_CAPTURE(BM_MemoryAttention, library_bf16, true, MemDType::BF16)->Args({65536, 1024})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8, false, MemDType::Q8)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8_no_prefetch, false, MemDType::Q8, true, 0)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
+BENCHMARK_CAPTURE(BM_MemoryAttention, fused_q8_float_scores, false, MemDType::Q8, true, 4096, false)->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
 
 BENCHMARK_MAIN();

@@ -97,3 +97,116 @@ TEST(Q8Memory, AttentionMatchesWidenedRows) {
     for (size_t i = 0; i < oa.size(); ++i) EXPECT_NEAR(oa[i], ob[i], 1e-5) << "nq " << nq;
   }
 }
+
+// The int8-key scorer (QueryI16): the vector kernel equals its plain loop to the bit, for head
+// sizes with and without a partial last group; each score is within the query's rounding of the
+// exact (double) score of the float query against the stored keys; the query's rounding is half
+// a step; extreme values do not overflow.
+TEST(Q8Memory, IntegerScoresMatchPlainLoopAndDoubleReference) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 1.5f);
+  std::uniform_int_distribution<int> byte(-127, 127);
+  for (int D : {16, 17, 31, 32, 33, 64, 100, 128, 250, 512})
+    for (int n : {0, 1, 3, 4, 5, 9, 300}) {
+      std::vector<float> q(static_cast<size_t>(D)), ks(static_cast<size_t>(n) + 1);
+      for (auto& x : q) x = nd(rng);
+      std::vector<int8_t> K(size_t(n) * D + 1);
+      for (auto& x : K) x = int8_t(byte(rng));
+      for (auto& x : ks) x = std::fabs(nd(rng)) * 0.01f + 1e-4f;
+      const QueryI16 qi = quantize_query_i16(q.data(), D);
+      float amax = 0;
+      for (float x : q) amax = std::max(amax, std::fabs(x));
+      ASSERT_EQ(qi.scale, amax / 32767.0f);
+      for (int e = 0; e < D; ++e) {
+        ASSERT_LE(std::abs(int(qi.q[size_t(e)])), 32767);
+        // half a step, plus the float rounding of q / scale (|q / scale| <= 32767: ulp/2 <= 0.002)
+        ASSERT_LE(std::fabs(double(qi.q[size_t(e)]) * qi.scale - q[size_t(e)]), 0.504 * qi.scale) << e;
+      }
+      const float sqrt_d = std::sqrt(float(D));
+      std::vector<float> sv(size_t(n) + 1), sp(size_t(n) + 1);
+      const float mv = score_rows_i8(qi, K.data(), ks.data(), n, sqrt_d, sv.data(), true);
+      const float mp = score_rows_i8(qi, K.data(), ks.data(), n, sqrt_d, sp.data(), false);
+      ASSERT_EQ(mv, mp) << "D " << D << " n " << n;
+      float m = -INFINITY;
+      for (int j = 0; j < n; ++j) {
+        ASSERT_EQ(sv[size_t(j)], sp[size_t(j)]) << "D " << D << " n " << n << " row " << j;
+        m = std::max(m, sv[size_t(j)]);
+        double exact = 0, mag = 0;
+        for (int e = 0; e < D; ++e) {
+          exact += double(q[size_t(e)]) * K[size_t(j) * D + e];
+          mag += std::fabs(double(K[size_t(j) * D + e]));
+        }
+        exact *= double(ks[size_t(j)]) / std::sqrt(double(D));
+        // the query's rounding (as above), then four float roundings of the result
+        const double bound = 0.504 * qi.scale * mag * ks[size_t(j)] / std::sqrt(double(D)) * 1.0001 + 1e-6 * std::fabs(exact);
+        ASSERT_NEAR(sv[size_t(j)], exact, bound) << "D " << D << " row " << j;
+      }
+      ASSERT_EQ(mv, m);
+    }
+  // Largest magnitudes at the largest head size: the int32 sums stay exact.
+  const int D = QueryI16::kMaxD;
+  std::vector<float> q(D, 3.0f), one(1, 1.0f), s(1);
+  std::vector<int8_t> K(D, -128);
+  const QueryI16 qi = quantize_query_i16(q.data(), D);
+  score_rows_i8(qi, K.data(), one.data(), 1, 1.0f, s.data());
+  EXPECT_EQ(s[0], float(double(D) * -128 * 32767) * qi.scale);
+  EXPECT_THROW(quantize_query_i16(q.data(), 15), Error);
+  EXPECT_THROW(quantize_query_i16(q.data(), 513), Error);
+}
+
+// Decoding over Q8 memory with a head of 100: the integer-scored HeadAttention is within the
+// query's rounding of the float-scored one, and the top-k scan over everything (which scores the
+// same way) gives the same output as the dense pass.
+TEST(Q8Memory, IntegerScoredAttentionAndTopKAgree) {
+  const int D = 100, n = 2100;  // crosses chunk boundaries
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(size_t(n) * D), v(k.size()), q(D);
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  for (auto& x : q) x = nd(rng);
+  KVMemory mem(1, D, MemDType::Q8);
+  mem.append(k.data(), v.data(), n, D);
+  auto dense = [&](bool i8) {
+    HeadAttention::i8_kernel = i8;
+    HeadAttention att(q.data(), 1, D, D);
+    for (int64_t s = 0; s < n;) {
+      const KVBlock blk = mem.block(0, s, 1024);
+      att.add_keys(blk);
+      att.add_values(blk);
+      s += blk.n;
+    }
+    std::vector<float> out(D);
+    att.finish(out.data(), D);
+    HeadAttention::i8_kernel = true;
+    return out;
+  };
+  const auto oi = dense(true), of = dense(false);
+  double diff = 0;
+  for (int e = 0; e < D; ++e) diff = std::max(diff, double(std::fabs(oi[size_t(e)] - of[size_t(e)])));
+  EXPECT_GT(diff, 0.0);   // the query really is rounded
+  EXPECT_LT(diff, 2e-5);  // |q| ~ 3: a step of 1e-4, scores move by ~1e-5
+  // Top-k over all keys, then the dense update over the hits: the same scores and weights.
+  TopKScorer topk(q.data(), 1, D, D, n);
+  for (int64_t s = 0; s < n;) {
+    const KVBlock blk = mem.block(0, s, 1024);
+    topk.add(blk, s);
+    s += blk.n;
+  }
+  const auto hits = topk.take(0);
+  ASSERT_EQ(int(hits.size()), n);
+  HeadAttention att(q.data(), 1, D, D);
+  std::vector<float> scores;
+  std::vector<std::vector<float>> rows;
+  for (const auto& h : hits) {
+    scores.push_back(h.score);
+    rows.emplace_back(D);
+    mem.value_f32(0, h.index, rows.back().data());
+  }
+  std::vector<const void*> ptrs;
+  for (const auto& r : rows) ptrs.push_back(r.data());
+  att.add_scored(0, scores.data(), ptrs.data(), n, DType::F32);
+  std::vector<float> ot(D);
+  att.finish(ot.data(), D);
+  for (int e = 0; e < D; ++e) EXPECT_NEAR(ot[size_t(e)], oi[size_t(e)], 1e-5) << e;
+}

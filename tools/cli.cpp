@@ -57,7 +57,7 @@ void LoadFlags::add(CLI::App* app) {
   app->add_flag("--no-mmap", no_mmap, "Copy a .gguf model into RAM instead of reading it through mmap");
   app->add_flag("--no-repack", no_repack, "Keep Q8_0/Q4_0/F16/BF16 matrices in the file's layout (no 16-row repacking; mapped files stay zero-copy)");
   app->add_option("--last-context-length", last_context_length, "Override last_context_length");
-  app->add_option("--mem-type", mem_type, "Store memory keys/values as bfloat16, float16 or float32 (default: mem_dtype)");
+  app->add_option("--mem-type", mem_type, "Store memory keys/values as bfloat16, float16, float32 or q8 (int8 rows with one scale each) (default: mem_dtype)");
 }
 
 ll::Weights load_model(const std::string& path, const LoadFlags& flags) {

@@ -155,6 +155,21 @@ void fused_values(const float* s, float rescale, const T* V, int n, int D, float
   }
 }
 
+// The running softmax after a block's scores s[0..n) (largest bmax): s becomes exp(s - new max);
+// returns the factor that rescales the old accumulator.
+float update_softmax(float* s, int n, float bmax, float& max, float& sum) {
+  const float m = std::max(max, bmax);
+  const float rescale = std::exp(max - m);
+  sum = sum * rescale + exp_shift_sum(s, n, m);
+  max = m;
+  return rescale;
+}
+
+float i8_keys(const QueryI16& q, const int8_t* K, const float* k_scale, int n, float sqrt_d, float* s, float& max,
+              float& sum) {
+  return update_softmax(s, n, score_rows_i8(q, K, k_scale, n, sqrt_d, s), max, sum);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #define LONGLLAMA_BF16_KERNEL 1
 // GCC 12 warns about the deliberately undefined operands inside its own avx512fintrin.h.
@@ -490,6 +505,77 @@ void kv_block_to_f32(const KVBlock& b, int D, float* k, float* v) {
   if (v) rows_to_f32(b.type, b.v, b.v_scale, b.n, D, v);
 }
 
+QueryI16 quantize_query_i16(const float* q, int D) {
+  if (!QueryI16::supports(D)) throw Error("quantize_query_i16: head size " + std::to_string(D) + " outside [16, 512]");
+  QueryI16 r;
+  r.D = D;
+  float amax = 0.0f;
+  for (int e = 0; e < D; ++e) amax = std::max(amax, std::fabs(q[e]));
+  r.scale = amax / 32767.0f;
+  r.q.resize(size_t(D));
+  for (int e = 0; e < D; ++e) r.q[size_t(e)] = amax > 0.0f ? int16_t(std::lround(q[e] / r.scale)) : int16_t(0);
+  const int G = (D + 15) / 16, last = D - 16;
+  r.g.assign(size_t(G) * 16, 0);
+  for (int e = 0; e < 16 * (G - 1); ++e) r.g[size_t(e)] = r.q[size_t(e)];
+  for (int i = 0; i < 16; ++i)
+    if (last + i >= 16 * (G - 1)) r.g[size_t(16 * (G - 1) + i)] = r.q[size_t(last + i)];
+  return r;
+}
+
+float score_rows_i8(const QueryI16& q, const int8_t* K, const float* k_scale, int n, float sqrt_d, float* s, bool simd) {
+  const int D = q.D;
+  float m = -INFINITY;
+  int j = 0;
+#if defined(__AVX2__)
+  if (simd) {
+    // Groups 0..G-2 at 16 g, the last one at D - 16 (inside the row; its overlap is zero in q.g).
+    const int G = (D + 15) / 16, last = D - 16;
+    const auto* qg = reinterpret_cast<const __m256i*>(q.g.data());
+    const __m256i ql = _mm256_loadu_si256(qg + (G - 1));
+    const __m128 vqs = _mm_set1_ps(q.scale), vsd = _mm_set1_ps(sqrt_d);
+    __m128 vmax = _mm_set1_ps(-INFINITY);
+    auto madd = [](__m256i a, const int8_t* k, __m256i qv) {
+      const __m256i kw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k)));
+      return _mm256_add_epi32(a, _mm256_madd_epi16(kw, qv));
+    };
+    for (; j + 4 <= n; j += 4) {
+      const int8_t* k0 = K + size_t(j) * D;
+      const int8_t *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+      prefetch_ahead(k0, 4 * D);
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      for (int g = 0; g + 1 < G; ++g) {
+        const __m256i qv = _mm256_loadu_si256(qg + g);
+        a0 = madd(a0, k0 + 16 * g, qv);
+        a1 = madd(a1, k1 + 16 * g, qv);
+        a2 = madd(a2, k2 + 16 * g, qv);
+        a3 = madd(a3, k3 + 16 * g, qv);
+      }
+      a0 = madd(a0, k0 + last, ql);
+      a1 = madd(a1, k1 + last, ql);
+      a2 = madd(a2, k2 + last, ql);
+      a3 = madd(a3, k3 + last, ql);
+      // Per 128-bit half: [row0, row1, row2, row3] partial sums; exact in any order.
+      const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+      const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+      const __m128 sj = _mm_div_ps(_mm_mul_ps(_mm_cvtepi32_ps(sum), _mm_mul_ps(vqs, _mm_loadu_ps(k_scale + j))), vsd);
+      _mm_storeu_ps(s + j, sj);
+      vmax = _mm_max_ps(vmax, sj);
+    }
+    alignas(16) float m4[4];
+    _mm_store_ps(m4, vmax);
+    m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+  }
+#endif
+  for (; j < n; ++j) {
+    const int8_t* k = K + size_t(j) * D;
+    int32_t acc = 0;
+    for (int e = 0; e < D; ++e) acc += int32_t(q.q[size_t(e)]) * int32_t(k[e]);
+    s[j] = float(acc) * (q.scale * k_scale[j]) / sqrt_d;
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
 void HeadAttention::add(const KVBlock& b, const int* limit) {
   if (b.n <= 0) return;
   // Few queries: the fused loop widens bf16/f16/int8 rows in registers. Many: float32 + sgemm.
@@ -554,6 +640,13 @@ void HeadAttention::add_keys(const KVBlock& b, const int* limit) {
         r = fused_keys(qi, static_cast<const hwy::float16_t*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i]);
         break;
       case DType::I8:
+        if (i8_kernel && QueryI16::supports(D_)) {
+          if (qi16_.empty())
+            for (int k = 0; k < nq_; ++k) qi16_.push_back(quantize_query_i16(q_ + size_t(k) * ldq_, D_));
+          r = i8_keys(qi16_[size_t(i)], static_cast<const int8_t*>(b.k), b.k_scale, visible, sqrt_d_, s, max_[i],
+                      sum_[i]);
+          break;
+        }
         r = fused_keys(qi, static_cast<const int8_t*>(b.k), visible, D_, sqrt_d_, s, max_[i], sum_[i], b.k_scale);
         break;
       default:
@@ -646,6 +739,20 @@ void TopKScorer::add(const KVBlock& b, int64_t first_index) {
   // sgemm path and for int8 rows.
   DType kt = b.type;
   const void* keys = b.k;
+  if (b.type == DType::I8 && nq_ < HeadAttention::kGemmMinQueries && HeadAttention::i8_kernel &&
+      QueryI16::supports(D_)) {  // decoding over Q8 memory: integer scores, as HeadAttention
+    if (qi16_.empty())
+      for (int i = 0; i < nq_; ++i) qi16_.push_back(quantize_query_i16(q_ + size_t(i) * ldq_, D_));
+    scores_.resize(size_t(b.n));
+    for (int i = 0; i < nq_; ++i) {
+      float* s = scores_.data();
+      score_rows_i8(qi16_[size_t(i)], static_cast<const int8_t*>(b.k), b.k_scale, b.n, sqrt_d_, s);
+      auto& h = heaps_[size_t(i)];
+      for (int j = 0; j < b.n; ++j)
+        if (int(h.size()) < k_ || s[j] > h.front().score) push(i, s[j], first_index + j);
+    }
+    return;
+  }
   if (b.type == DType::I8 || (b.type != DType::F32 && nq_ >= HeadAttention::kGemmMinQueries)) {
     kbuf_.resize(size_t(b.n) * D_);
     kv_block_to_f32(b, D_, kbuf_.data(), nullptr);  // scoring needs only the keys

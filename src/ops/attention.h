@@ -25,12 +25,34 @@ struct KVBlock {
 // The block's keys and values as float32 rows ([n][D] each); a null k or v is skipped.
 void kv_block_to_f32(const KVBlock& b, int D, float* k, float* v);
 
+// Scoring int8 keys (Q8 memory) with integer dot products: the query is rounded once to int16
+// with one scale (max|q| / 32767: a step ~260x finer than the keys' max|k| / 127), so a score is
+// an exact integer sum times two scales. Widening each int8 key element to float cost ~3 vector
+// ops per 8 bytes; this is ~3 per 16 and reads Q8 memory near the bandwidth limit.
+struct QueryI16 {
+  // kMaxD: D · 128 · 32767 < 2^31, so a row's int32 sum cannot overflow.
+  static constexpr int kMinD = 16, kMaxD = 512;
+  std::vector<int16_t> q;  // [D] round(q / scale), half away from zero
+  std::vector<int16_t> g;  // the kernel's layout: groups of 16 elements; a last partial group is
+                           // [D-16, D) with the elements that earlier groups cover set to 0
+  float scale = 0.0f;
+  int D = 0;
+  static bool supports(int D) { return D >= kMinD && D <= kMaxD; }
+};
+QueryI16 quantize_query_i16(const float* q, int D);
+// s[j] = float(Σ_e q.q[e] · K[j][e]) · (q.scale · k_scale[j]) / sqrt_d for n rows of D int8
+// elements; returns the largest s (-inf when n = 0). `simd` false: the plain loop (same bits).
+float score_rows_i8(const QueryI16& q, const int8_t* K, const float* k_scale, int n, float sqrt_d, float* s,
+                    bool simd = true);
+
 class HeadAttention {
  public:
   static constexpr int kGemmMinQueries = 16;
   // The bf16 decode kernel (AVX-512 or AVX2; on by default where built); off = the Highway path, for
   // tests and benchmarks that compare the two.
   static inline bool bf16_kernel = true;
+  // Int8 keys scored with integer dot products (QueryI16); off = widened to float (benchmarks).
+  static inline bool i8_kernel = true;
   // How far ahead (bytes) the fused decode loops prefetch key/value rows; 0 = off (benchmarks).
   // 4 KiB: bench_kernels BM_MemoryAttentionOrder (8 KiB and more were slower once the kernel got
   // faster; prefetching into L2 instead of L1 made no difference).
@@ -62,6 +84,7 @@ class HeadAttention {
   std::vector<float> max_, sum_, acc_;  // per query: running max, sum; [nq][D] weighted values
   std::vector<float> scores_, kbuf_, vbuf_, pscaled_;
   std::vector<float> rescale_;  // per query, from add_keys for add_values
+  std::vector<QueryI16> qi16_;  // per query, made on the first int8 block
 };
 
 // Exact top-k retrieval: scores every key of a sequence of blocks for each query, keeping the k
@@ -84,6 +107,7 @@ class TopKScorer {
   float sqrt_d_;
   std::vector<std::vector<Hit>> heaps_;  // min-heaps by score
   std::vector<float> scores_, kbuf_;
+  std::vector<QueryI16> qi16_;  // per query, made on the first int8 block
 };
 
 }  // namespace ll
