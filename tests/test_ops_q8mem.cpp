@@ -49,7 +49,7 @@ TEST(Q8Memory, RowsRoundTripWithinHalfAStep) {
 // Rows round like std::lround (half away from zero), ties and near-ties included: a row whose
 // largest magnitude is 127 has scale 1, so its elements are stored as their rounded selves.
 TEST(Q8Memory, RoundsHalfAwayFromZero) {
-  const int D = 64;
+  const int D = 68;  // vectors of 4, 8 or 16 floats, then a scalar tail (64..67 with 16 lanes)
   std::vector<float> k(D), v(D);
   const float special[] = {127.0f, -126.5f, 0.5f, -0.5f, 1.5f, -1.5f, 2.5f, -2.5f, 0.49999997f, -0.49999997f,
                            0.50000006f, -0.50000006f, 125.49999f, -125.50001f, 0.0f, -0.0f};
@@ -57,6 +57,8 @@ TEST(Q8Memory, RoundsHalfAwayFromZero) {
   std::uniform_real_distribution<float> u(-126.9f, 126.9f);
   for (int r = 0; r < 50; ++r) {
     for (int e = 0; e < D; ++e) k[e] = v[e] = (r == 0 && e < 16) ? special[e] : u(rng);
+    if (r >= 1 && r <= 16)  // every special value also passes through the last elements
+      for (int i = 0; i < 3; ++i) k[D - 4 + i] = v[D - 4 + i] = special[(r + i) % 16];
     k[D - 1] = v[D - 1] = (r % 2) ? 127.0f : -127.0f;  // amax = 127: scale 1
     KVMemory mem(1, D, MemDType::Q8);
     mem.append(k.data(), v.data(), 1, D);

@@ -4,8 +4,11 @@
 #include <cmath>
 #include <cstring>
 
+#include "hwy/highway.h"
 #include "ops/quant.h"
 #include "util/huge_alloc.h"
+
+namespace hn = hwy::HWY_NAMESPACE;
 
 namespace ll {
 
@@ -35,14 +38,28 @@ DType storage_type(MemDType t) {
 // as the row's scale and round(x / scale) as int8.
 void KVMemory::store_row(const float* x, uint8_t* q, float* scale) const {
   if (dtype_ != MemDType::Q8) return quantize_row(storage_type(dtype_), x, head_dim_, q);
-  float amax = 0.0f;
-  for (int e = 0; e < head_dim_; ++e) amax = std::max(amax, std::fabs(x[e]));
+  const hn::ScalableTag<float> d;
+  const hn::Rebind<int32_t, decltype(d)> di;
+  const hn::Rebind<int8_t, decltype(d)> d8;
+  const int N = int(hn::Lanes(d)), D = head_dim_, Dv = D / N * N;
+  auto vmax = hn::Zero(d);
+  for (int e = 0; e < Dv; e += N) vmax = hn::Max(vmax, hn::Abs(hn::LoadU(d, x + e)));
+  float amax = hn::GetLane(hn::MaxOfLanes(d, vmax));
+  for (int e = Dv; e < D; ++e) amax = std::max(amax, std::fabs(x[e]));
   const float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
-  // std::lround (half away from zero) written out inline: it was a libm call per element (a fifth
-  // of a q8 append's time). y - trunc(y) is exact, so the results are the same.
-  for (int e = 0; e < head_dim_; ++e) {
+  // Half away from zero, as std::lround, without a libm call per element (it was a fifth of a q8
+  // append's time) and 8 at a time (the scalar loop was ~4 ns an element): y - trunc(y) is exact,
+  // and the vector and tail loops do the same operations, so every element gets lround's result.
+  auto* out = reinterpret_cast<int8_t*>(q);
+  const auto vinv = hn::Set(d, inv), half = hn::Set(d, 0.5f), one = hn::Set(d, 1.0f);
+  for (int e = 0; e < Dv; e += N) {
+    const auto y = hn::Mul(hn::LoadU(d, x + e), vinv), t = hn::Trunc(y);
+    const auto r = hn::Add(t, hn::IfThenElseZero(hn::Ge(hn::Abs(hn::Sub(y, t)), half), hn::CopySign(one, y)));
+    hn::StoreU(hn::DemoteTo(d8, hn::ConvertTo(di, r)), d8, out + e);
+  }
+  for (int e = Dv; e < D; ++e) {
     const float y = x[e] * inv, t = std::trunc(y);
-    reinterpret_cast<int8_t*>(q)[e] = int8_t(t + (std::fabs(y - t) >= 0.5f ? std::copysign(1.0f, y) : 0.0f));
+    out[e] = int8_t(t + (std::fabs(y - t) >= 0.5f ? std::copysign(1.0f, y) : 0.0f));
   }
   *scale = s;
 }
