@@ -194,3 +194,32 @@ TEST(Cli, BenchJson) {
   EXPECT_EQ(j["memory"][0]["samples"]["extra_over_read_time"].size(), 2u);
   fs::remove_all(dir);
 }
+
+// `bench --mem-types`: one memory row per storage type and size, decoded in the same run; the
+// types' bytes as stored; --mem-type and --mem-types together are refused.
+TEST(Cli, BenchComparesMemoryTypes) {
+  const fs::path dir = temp_dir("bench_types");
+  const std::string shape = write_tiny_shape(dir, 256).string();
+  const CliRun r = run_stdout_only("bench --random " + shape +
+                                   " --type f32 -p 8 -n 3 --memory-tokens 512 --memory-tokens 1024 --mem-types bfloat16,q8 -t 1 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["memory"].size(), 4u);
+  const std::pair<int64_t, std::string> want[] = {{512, "bfloat16"}, {512, "q8"}, {1024, "bfloat16"}, {1024, "q8"}};
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(j["memory"][i]["memory_tokens"].get<int64_t>(), want[i].first) << i;
+    EXPECT_EQ(j["memory"][i]["mem_type"].get<std::string>(), want[i].second) << i;
+    EXPECT_TRUE(std::isfinite(j["memory"][i]["extra_over_read_time"].get<double>())) << i;
+  }
+  const double bf16 = j["memory"][0]["memory_bytes"].get<double>(), q8 = j["memory"][1]["memory_bytes"].get<double>();
+  EXPECT_GT(bf16, 0.0);
+  EXPECT_LT(q8, bf16);
+  EXPECT_DOUBLE_EQ(j["memory"][2]["memory_bytes"].get<double>(), 2 * bf16);
+  const CliRun both = run("bench --random " + shape + " -p 8 -n 2 --memory-tokens 512 --mem-type q8 --mem-types bfloat16");
+  EXPECT_NE(both.code, 0);
+  EXPECT_NE(both.out.find("--mem-types"), std::string::npos) << both.out;
+  const CliRun bad = run("bench --random " + shape + " -p 8 -n 2 --memory-tokens 512 --mem-types bfloat16,int4");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("int4"), std::string::npos) << bad.out;
+  fs::remove_all(dir);
+}

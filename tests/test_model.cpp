@@ -371,6 +371,29 @@ TEST(Session, LastLogitsWithZeroLastContextLength) {
   EXPECT_EQ(a.memory_length(1), 100);
 }
 
+// A session's memory storage type can differ from its weights' config (bench --mem-types): the
+// same logits, bit for bit, and the same bytes as a config that says so.
+TEST(Session, SetMemoryTypeEqualsConfigMemDtype) {
+  ModelConfig c = tiny_config();
+  c.mem_dtype = MemDType::F32;
+  const Model m32 = Model::random(c, 16);
+  Model m8 = m32;
+  m8.config.mem_dtype = MemDType::Q8;
+  std::vector<int> doc(300);
+  for (size_t i = 0; i < doc.size(); ++i) doc[i] = int(i * 7 % 97);
+  Session a(m8), b(m32);
+  EXPECT_EQ(b.memory_type(), MemDType::F32);
+  b.set_memory_type(MemDType::Q8);
+  EXPECT_EQ(b.memory_type(), MemDType::Q8);
+  EXPECT_EQ(a.forward(doc, true, LogitsWanted::All), b.forward(doc, true, LogitsWanted::All));
+  EXPECT_GT(b.memory_bytes(), 0u);
+  EXPECT_EQ(a.memory_bytes(), b.memory_bytes());
+  EXPECT_EQ(a.memory_bytes_for(1000), b.memory_bytes_for(1000));
+  b.set_memory_type(MemDType::BF16);  // clears the session
+  EXPECT_EQ(b.memory_bytes(), 0u);
+  EXPECT_EQ(b.local_length(), 0);
+}
+
 // Q8 memory costs little next to bf16 rounding on a model with real memory use, and top-k works on it.
 TEST(Session, Q8MemoryCloseToFloat32Memory) {
   ModelConfig c = tiny_config();

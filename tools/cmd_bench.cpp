@@ -25,6 +25,7 @@ struct BenchArgs {
   LoadFlags load;
   int pp = 512, tg = 128, threads = 0, repetitions = 1;
   std::vector<int64_t> memory_tokens;
+  std::vector<std::string> mem_types;  // --mem-types: memory storage types compared in one run
   bool json = false;
 };
 
@@ -102,6 +103,11 @@ int run_bench(const BenchArgs& a) {
                                                          !a.load.no_repack)
                                   : load_model(a.model, a.load);
   if (!a.load.mem_type.empty()) w.config.mem_dtype = ll::parse_mem_dtype(a.load.mem_type, "--mem-type");
+  if (!a.load.mem_type.empty() && !a.mem_types.empty())
+    throw ll::Error("bench: give --mem-type or --mem-types, not both");
+  std::vector<ll::MemDType> mem_types;
+  for (const std::string& t : a.mem_types) mem_types.push_back(ll::parse_mem_dtype(t, "--mem-types"));
+  if (mem_types.empty()) mem_types.push_back(w.config.mem_dtype);
   const double load_s = seconds_since(tl);
   const ll::ModelConfig& c = w.config;
 
@@ -124,17 +130,22 @@ int run_bench(const BenchArgs& a) {
   const double attn_flops = 2.0 * 2.0 * c.hidden_size * c.num_hidden_layers * (a.pp / 2.0);
   const double pp_token_flops = 2.0 * matrix_params + attn_flops;
   // Sessions with memory are filled once; every repetition decodes a few more tokens in them.
+  // With several --mem-types, each memory size has one session per type, all decoding in turn
+  // with the same empty session (a paired comparison of the storage types).
   struct MemoryRun {
     int64_t tokens;
+    ll::MemDType type;
     std::unique_ptr<ll::Session> full;
     std::vector<double> tg_rate, extra_s, extra_over_read, probe;
   };
   std::vector<MemoryRun> mem_runs;
-  for (int64_t m : a.memory_tokens) {
-    if (c.mem_layers.empty()) throw ll::Error("bench: --memory-tokens needs a model with memory layers");
-    mem_runs.push_back({m, std::make_unique<ll::Session>(w), {}, {}, {}, {}});
-    mem_runs.back().full->fill_memory_random(m, 3);
-  }
+  for (int64_t m : a.memory_tokens)
+    for (ll::MemDType t : mem_types) {
+      if (c.mem_layers.empty()) throw ll::Error("bench: --memory-tokens needs a model with memory layers");
+      mem_runs.push_back({m, t, std::make_unique<ll::Session>(w), {}, {}, {}, {}});
+      mem_runs.back().full->set_memory_type(t);
+      mem_runs.back().full->fill_memory_random(m, 3);
+    }
   // Every repetition measures pp, tg and each memory size again; figures are medians over them
   // (these machines switch bandwidth regimes within seconds).
   std::vector<double> pp_rates, pp_fractions, pp_sgemm, tg_rates, tg_fractions, tg_probes;
@@ -161,24 +172,29 @@ int run_bench(const BenchArgs& a) {
       tg_fractions.push_back(double(decode_bytes) / median(tg.equivalent));
       tg_probes.push_back(tg.probe_median);
     }
-    for (MemoryRun& mr : mem_runs) {
-      std::fprintf(stderr, "bench: tg%d with %lld tokens in memory...\n", a.tg, (long long)mr.tokens);
-      // The empty session and the one with memory take turns, so each token with memory has a
+    for (size_t g = 0; g < mem_runs.size(); g += mem_types.size()) {
+      std::fprintf(stderr, "bench: tg%d with %lld tokens in memory...\n", a.tg, (long long)mem_runs[g].tokens);
+      // The empty session and the ones with memory take turns, so each token with memory has a
       // token without it from the same moment: their difference, as the bytes the probe streams
       // in that time, over the bytes of the memory's keys and values is the ratio the target
       // bounds (1 = exactly one read of them at the bandwidth of the moment).
       ll::Session empty(w);
-      const auto both = decode_paired({&empty, mr.full.get()}, a.tg, c.vocab_size, probe);
-      const DecodeTiming& t = both[1];
-      std::vector<double> extra_eq, extra_dt;
-      for (int i = 0; i < a.tg; ++i) {
-        extra_eq.push_back(t.equivalent[i] - both[0].equivalent[i]);
-        extra_dt.push_back(t.seconds[i] - both[0].seconds[i]);
+      std::vector<ll::Session*> sessions = {&empty};
+      for (size_t k = 0; k < mem_types.size(); ++k) sessions.push_back(mem_runs[g + k].full.get());
+      const auto all = decode_paired(sessions, a.tg, c.vocab_size, probe);
+      for (size_t k = 0; k < mem_types.size(); ++k) {
+        MemoryRun& mr = mem_runs[g + k];
+        const DecodeTiming& t = all[k + 1];
+        std::vector<double> extra_eq, extra_dt;
+        for (int i = 0; i < a.tg; ++i) {
+          extra_eq.push_back(t.equivalent[i] - all[0].equivalent[i]);
+          extra_dt.push_back(t.seconds[i] - all[0].seconds[i]);
+        }
+        mr.tg_rate.push_back(t.tokens_per_s);
+        mr.extra_s.push_back(median(extra_dt));
+        mr.extra_over_read.push_back(median(extra_eq) / double(mr.full->memory_bytes()));
+        mr.probe.push_back(t.probe_median);
       }
-      mr.tg_rate.push_back(t.tokens_per_s);
-      mr.extra_s.push_back(median(extra_dt));
-      mr.extra_over_read.push_back(median(extra_eq) / double(mr.full->memory_bytes()));
-      mr.probe.push_back(t.probe_median);
     }
   }
   const double pp_rate = median(pp_rates), tg_rate = median(tg_rates);
@@ -186,6 +202,7 @@ int run_bench(const BenchArgs& a) {
   nlohmann::json mem_rows = nlohmann::json::array();
   for (const MemoryRun& mr : mem_runs)
     mem_rows.push_back({{"memory_tokens", mr.tokens},
+                        {"mem_type", ll::mem_dtype_name(mr.type)},
                         {"tg_tokens_per_s", median(mr.tg_rate)},
                         {"memory_bytes", double(mr.full->memory_bytes())},
                         {"extra_seconds_per_token", median(mr.extra_s)},
@@ -259,14 +276,17 @@ int run_bench(const BenchArgs& a) {
               pp_flops / 1e9, spread(pp_percent, "%5.1f%%").c_str());
   std::printf("| tg%-13d | %8s | %6.1f GB/s       | %s bw    |\n", a.tg, spread(tg_rates, "%8.2f").c_str(),
               tg_bw / 1e9, spread(tg_percent, "%5.1f%%").c_str());
-  for (const MemoryRun& mr : mem_runs)
-    std::printf("| tg%d @ mem %-6lld | %8s | +%.1f ms/token    | %s read  |\n", a.tg, (long long)mr.tokens,
-                spread(mr.tg_rate, "%8.2f").c_str(), 1e3 * median(mr.extra_s),
-                spread(mr.extra_over_read, "%5.2fx").c_str());
+  for (const MemoryRun& mr : mem_runs) {
+    std::string label = "tg" + std::to_string(a.tg) + " @ mem " + std::to_string(mr.tokens);
+    if (!a.mem_types.empty()) label += std::string(" ") + ll::mem_dtype_name(mr.type);
+    std::printf("| %-15s | %8s | +%.1f ms/token    | %s read  |\n", label.c_str(), spread(mr.tg_rate, "%8.2f").c_str(),
+                1e3 * median(mr.extra_s), spread(mr.extra_over_read, "%5.2fx").c_str());
+  }
   std::printf("\nagainst the peaks instead: pp %.1f%% sgemm, tg %.1f%%", 100.0 * pp_flops / sgemm_peak,
               100.0 * tg_bw / peak);
   for (const auto& r : mem_rows)
-    std::printf(", mem %lld %.2fx read", (long long)r["memory_tokens"].get<int64_t>(),
+    std::printf(", mem %lld%s %.2fx read", (long long)r["memory_tokens"].get<int64_t>(),
+                a.mem_types.empty() ? "" : (" " + r["mem_type"].get<std::string>()).c_str(),
                 r["extra_over_read_time_at_peak"].get<double>());
   std::printf("\n");
   return 0;
@@ -283,6 +303,10 @@ void add_bench_commands(CLI::App& app, Commands& out) {
   b->add_option("-n,--n-gen", a->tg, "Generated tokens (tg)")->capture_default_str()->check(CLI::Range(1, 1 << 30));
   b->add_option("--memory-tokens", a->memory_tokens, "Also time tg with this many tokens in memory (repeatable)")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
+  b->add_option("--mem-types", a->mem_types,
+                "Compare memory storage types in one run, e.g. bfloat16,q8: one session per type and memory size, "
+                "decoding in turn with the same empty session")
+      ->delimiter(',');
   b->add_option("-t,--threads", a->threads, "Threads (default: all cores)")->check(CLI::Range(1, 1 << 30));
   b->add_option("-r,--repetitions", a->repetitions,
                 "Measure pp, tg and each memory size this many times; report medians (and min-max)")

@@ -21,14 +21,21 @@ constexpr int kMemBlock = 1024;
 constexpr int kQueryBlock = 64;  // queries per prefill attention task
 }  // namespace
 
-Session::Session(const Weights& weights) : w_(&weights), rope_(weights.config.head_dim(), weights.config.rope_theta) {
+Session::Session(const Weights& weights)
+    : w_(&weights), rope_(weights.config.head_dim(), weights.config.rope_theta), mem_dtype_(weights.config.mem_dtype) {
   reset();
 }
 
 Session::Session(const Model& model)
     : owned_(std::make_shared<Weights>(Weights::from_model(model))),
       w_(owned_.get()),
-      rope_(model.config.head_dim(), model.config.rope_theta) {
+      rope_(model.config.head_dim(), model.config.rope_theta),
+      mem_dtype_(model.config.mem_dtype) {
+  reset();
+}
+
+void Session::set_memory_type(MemDType t) {
+  mem_dtype_ = t;
   reset();
 }
 
@@ -43,7 +50,7 @@ void Session::reset() {
   local_n_ = 0;
   memory_.clear();
   memory_.resize(c.num_hidden_layers);
-  for (int l : c.mem_layers) memory_[l].emplace(c.heads_in(l), c.head_dim_in(l), c.mem_dtype);
+  for (int l : c.mem_layers) memory_[l].emplace(c.heads_in(l), c.head_dim_in(l), mem_dtype_);
   tokens_seen_ = 0;
 }
 
@@ -69,7 +76,7 @@ void Session::fill_memory_random(int64_t n, uint64_t seed) {
 size_t Session::memory_bytes_for(int64_t tokens) const {
   const ModelConfig& c = w_->config;
   const size_t D = size_t(c.hidden_size / c.mem_heads());
-  const size_t row = c.mem_dtype == MemDType::F32 ? 4 * D : c.mem_dtype == MemDType::Q8 ? D + sizeof(float) : 2 * D;
+  const size_t row = mem_dtype_ == MemDType::F32 ? 4 * D : mem_dtype_ == MemDType::Q8 ? D + sizeof(float) : 2 * D;
   return size_t(tokens) * c.mem_layers.size() * 2 * size_t(c.mem_heads()) * row;
 }
 

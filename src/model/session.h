@@ -53,6 +53,11 @@ class Session {
   // whole memory; k > 0 attends, per query and head, to the k memory keys with the highest scores
   // (exact top-k, found by a full scan), together with the local keys in one softmax.
   void set_memory_top_k(int k) { top_k_ = k; }
+  // How this session stores memory keys/values (default: the config's mem_dtype). Clears the
+  // memory and the local cache (reset), so one set of weights can serve sessions of several
+  // storage types (bench --mem-types).
+  void set_memory_type(MemDType t);
+  MemDType memory_type() const { return mem_dtype_; }
   int memory_top_k() const { return top_k_; }
   // Benchmarks only: appends n tokens of random keys/values to every memory layer, so decoding
   // with a large memory can be timed without ingesting it first (the cost of attention does not
@@ -79,6 +84,7 @@ class Session {
   std::shared_ptr<const Weights> owned_;  // set when built from a Model
   const Weights* w_;
   RopeTable rope_;
+  MemDType mem_dtype_;  // storage of memory keys/values (config's mem_dtype unless set)
   std::vector<LocalCache> local_;
   int local_n_ = 0;
   std::vector<std::optional<KVMemory>> memory_;  // engaged for memory layers
