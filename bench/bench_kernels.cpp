@@ -363,7 +363,8 @@ void BM_MemoryAttention(benchmark::State& st, bool library, MemDType type, bool 
 // One decoded query's exact top-k scan (TopKScorer, k = 32) over n memory keys of one head of 100
 // (random keys, so the heap sees realistic replacement traffic). Bytes: the keys only; compare with
 // BM_MemoryAttention, which reads keys and values.
-void BM_TopKScan(benchmark::State& st, MemDType type) {
+void BM_TopKScan(benchmark::State& st, MemDType type, bool i8_kernel = true) {
+  HeadAttention::i8_kernel = i8_kernel;  // q8: integer scores, or widened to float32 first
   const int n = int(st.range(0)), D = 100;
   KVMemory mem(1, D, type);
   std::vector<float> k(size_t(KVMemory::kChunkTokens) * D);
@@ -425,6 +426,8 @@ BENCHMARK_CAPTURE(BM_DequantizeGrouped, q4_0, DType::Q4_0)->UseRealTime();
 BENCHMARK_CAPTURE(BM_TopKScan, bf16, MemDType::BF16)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_TopKScan, f16, MemDType::F16)->Arg(65536)->UseRealTime();
 BENCHMARK_CAPTURE(BM_TopKScan, f32, MemDType::F32)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_TopKScan, q8, MemDType::Q8)->Arg(65536)->UseRealTime();
+BENCHMARK_CAPTURE(BM_TopKScan, q8_float_scores, MemDType::Q8, false)->Arg(65536)->UseRealTime();
 // Args: memory tokens, keys per block (the session uses 1024).
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16, false, MemDType::BF16)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->Args({262144, 256})->UseRealTime();
 BENCHMARK_CAPTURE(BM_MemoryAttention, fused_bf16_no_prefetch, false, MemDType::BF16, true, 0)->Args({2048, 1024})->Args({65536, 1024})->Args({262144, 1024})->UseRealTime();
