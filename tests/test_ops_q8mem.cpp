@@ -152,6 +152,12 @@ TEST(Q8Memory, IntegerScoresMatchPlainLoopAndDoubleReference) {
   const QueryI16 qi = quantize_query_i16(q.data(), D);
   score_rows_i8(qi, K.data(), one.data(), 1, 1.0f, s.data());
   EXPECT_EQ(s[0], float(double(D) * -128 * 32767) * qi.scale);
+  // A query too small for its scale to be a normal float: zero, and its scores 0.
+  std::vector<float> tiny(D, 1e-43f);
+  const QueryI16 qt = quantize_query_i16(tiny.data(), D);
+  EXPECT_EQ(qt.scale, 0.0f);
+  score_rows_i8(qt, K.data(), one.data(), 1, 1.0f, s.data());
+  EXPECT_EQ(s[0], 0.0f);
   EXPECT_THROW(quantize_query_i16(q.data(), 15), Error);
   EXPECT_THROW(quantize_query_i16(q.data(), 513), Error);
 }

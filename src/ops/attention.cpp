@@ -513,7 +513,8 @@ QueryI16 quantize_query_i16(const float* q, int D) {
   for (int e = 0; e < D; ++e) amax = std::max(amax, std::fabs(q[e]));
   r.scale = amax / 32767.0f;
   r.q.resize(size_t(D));
-  for (int e = 0; e < D; ++e) r.q[size_t(e)] = amax > 0.0f ? int16_t(std::lround(q[e] / r.scale)) : int16_t(0);
+  // A scale that underflows to 0 (max|q| below ~1e-40) leaves a zero query, whose scores are 0.
+  for (int e = 0; e < D; ++e) r.q[size_t(e)] = r.scale > 0.0f ? int16_t(std::lround(q[e] / r.scale)) : int16_t(0);
   const int G = (D + 15) / 16, last = D - 16;
   r.g.assign(size_t(G) * 16, 0);
   for (int e = 0; e < 16 * (G - 1); ++e) r.g[size_t(e)] = r.q[size_t(e)];
@@ -578,7 +579,8 @@ float score_rows_i8(const QueryI16& q, const int8_t* K, const float* k_scale, in
 
 void HeadAttention::add(const KVBlock& b, const int* limit) {
   if (b.n <= 0) return;
-  // Few queries: the fused loop widens bf16/f16/int8 rows in registers. Many: float32 + sgemm.
+  // Few queries: the fused loop widens bf16/f16 rows in registers (int8 keys: integer dot
+  // products, QueryI16). Many: float32 + sgemm.
   if (nq_ < kGemmMinQueries) return add_fused(b, limit);
   if (b.type == DType::F32) return add_gemm(static_cast<const float*>(b.k), static_cast<const float*>(b.v), b.n, limit);
   kbuf_.resize(size_t(b.n) * D_);
