@@ -371,16 +371,25 @@ TEST(Session, LastLogitsWithZeroLastContextLength) {
   EXPECT_EQ(a.memory_length(1), 100);
 }
 
+// One random tiny model twice: with float32 memory and with Q8 memory; and a document of n tokens.
+struct F32AndQ8Models {
+  Model m32, m8;
+  std::vector<int> doc;
+};
+F32AndQ8Models f32_and_q8_models(int n, int stride) {
+  ModelConfig c = tiny_config();
+  c.mem_dtype = MemDType::F32;
+  const Model m = Model::random(c, 16);
+  F32AndQ8Models r{m, m, std::vector<int>(size_t(n))};
+  r.m8.config.mem_dtype = MemDType::Q8;
+  for (size_t i = 0; i < r.doc.size(); ++i) r.doc[i] = int(i * size_t(stride) % 97);
+  return r;
+}
+
 // A session's memory storage type can differ from its weights' config (bench --mem-types): the
 // same logits, bit for bit, and the same bytes as a config that says so.
 TEST(Session, SetMemoryTypeEqualsConfigMemDtype) {
-  ModelConfig c = tiny_config();
-  c.mem_dtype = MemDType::F32;
-  const Model m32 = Model::random(c, 16);
-  Model m8 = m32;
-  m8.config.mem_dtype = MemDType::Q8;
-  std::vector<int> doc(300);
-  for (size_t i = 0; i < doc.size(); ++i) doc[i] = int(i * 7 % 97);
+  const auto [m32, m8, doc] = f32_and_q8_models(300, 7);
   Session a(m8), b(m32);
   EXPECT_EQ(b.memory_type(), MemDType::F32);
   b.set_memory_type(MemDType::Q8);
@@ -396,13 +405,7 @@ TEST(Session, SetMemoryTypeEqualsConfigMemDtype) {
 
 // Q8 memory costs little next to bf16 rounding on a model with real memory use, and top-k works on it.
 TEST(Session, Q8MemoryCloseToFloat32Memory) {
-  ModelConfig c = tiny_config();
-  c.mem_dtype = MemDType::F32;
-  const Model m32 = Model::random(c, 16);
-  Model m8 = m32;
-  m8.config.mem_dtype = MemDType::Q8;
-  std::vector<int> doc(400);
-  for (size_t i = 0; i < doc.size(); ++i) doc[i] = int(i * 13 % 97);
+  const auto [m32, m8, doc] = f32_and_q8_models(400, 13);
   Session a(m32), b(m8), t(m8);
   t.set_memory_top_k(1 << 20);
   const auto la = a.forward(doc, true, LogitsWanted::All);

@@ -94,6 +94,10 @@ std::vector<DecodeTiming> decode_paired(const std::vector<ll::Session*>& session
 
 int run_bench(const BenchArgs& a) {
   if (a.model.empty() == a.random_config.empty()) throw ll::Error("bench: give exactly one of -m MODEL or --random CONFIG");
+  if (!a.load.mem_type.empty() && !a.mem_types.empty())
+    throw ll::Error("bench: give --mem-type or --mem-types, not both");
+  std::vector<ll::MemDType> mem_types;  // checked before the model loads
+  for (const std::string& t : a.mem_types) mem_types.push_back(ll::parse_mem_dtype(t, "--mem-types"));
   if (a.threads > 0) omp_set_num_threads(a.threads);
   const int threads = omp_get_max_threads();
   std::fprintf(stderr, "bench: loading...\n");
@@ -103,10 +107,6 @@ int run_bench(const BenchArgs& a) {
                                                          !a.load.no_repack)
                                   : load_model(a.model, a.load);
   if (!a.load.mem_type.empty()) w.config.mem_dtype = ll::parse_mem_dtype(a.load.mem_type, "--mem-type");
-  if (!a.load.mem_type.empty() && !a.mem_types.empty())
-    throw ll::Error("bench: give --mem-type or --mem-types, not both");
-  std::vector<ll::MemDType> mem_types;
-  for (const std::string& t : a.mem_types) mem_types.push_back(ll::parse_mem_dtype(t, "--mem-types"));
   if (mem_types.empty()) mem_types.push_back(w.config.mem_dtype);
   const double load_s = seconds_since(tl);
   const ll::ModelConfig& c = w.config;
