@@ -737,25 +737,15 @@ void TopKScorer::push(int i, float score, int64_t index) {
 
 void TopKScorer::add(const KVBlock& b, int64_t first_index) {
   if (b.n <= 0 || k_ <= 0) return;
-  // Keys as stored (the dot loop widens bf16/f16 itself), or widened to float32 first for the
-  // sgemm path and for int8 rows.
+  // Keys as stored (the dot loop widens bf16/f16 itself; int8 rows are scored with integer dot
+  // products, as in HeadAttention), or widened to float32 first for the sgemm path.
   DType kt = b.type;
   const void* keys = b.k;
-  if (b.type == DType::I8 && nq_ < HeadAttention::kGemmMinQueries && HeadAttention::i8_kernel &&
-      QueryI16::supports(D_)) {  // decoding over Q8 memory: integer scores, as HeadAttention
-    if (qi16_.empty())
-      for (int i = 0; i < nq_; ++i) qi16_.push_back(quantize_query_i16(q_ + size_t(i) * ldq_, D_));
-    scores_.resize(size_t(b.n));
-    for (int i = 0; i < nq_; ++i) {
-      float* s = scores_.data();
-      score_rows_i8(qi16_[size_t(i)], static_cast<const int8_t*>(b.k), b.k_scale, b.n, sqrt_d_, s);
-      auto& h = heaps_[size_t(i)];
-      for (int j = 0; j < b.n; ++j)
-        if (int(h.size()) < k_ || s[j] > h.front().score) push(i, s[j], first_index + j);
-    }
-    return;
-  }
-  if (b.type == DType::I8 || (b.type != DType::F32 && nq_ >= HeadAttention::kGemmMinQueries)) {
+  const bool few = nq_ < HeadAttention::kGemmMinQueries;
+  const bool i8_scores = b.type == DType::I8 && few && HeadAttention::i8_kernel && QueryI16::supports(D_);
+  if (i8_scores && qi16_.empty())
+    for (int i = 0; i < nq_; ++i) qi16_.push_back(quantize_query_i16(q_ + size_t(i) * ldq_, D_));
+  if ((b.type == DType::I8 && !i8_scores) || (b.type != DType::F32 && !few)) {
     kbuf_.resize(size_t(b.n) * D_);
     kv_block_to_f32(b, D_, kbuf_.data(), nullptr);  // scoring needs only the keys
     kt = DType::F32;
@@ -778,6 +768,7 @@ void TopKScorer::add(const KVBlock& b, int64_t first_index) {
     switch (kt) {
       case DType::BF16: score_rows(qi, static_cast<const hwy::bfloat16_t*>(keys), b.n, D_, sqrt_d_, s); break;
       case DType::F16: score_rows(qi, static_cast<const hwy::float16_t*>(keys), b.n, D_, sqrt_d_, s); break;
+      case DType::I8: score_rows_i8(qi16_[size_t(i)], static_cast<const int8_t*>(keys), b.k_scale, b.n, sqrt_d_, s); break;
       default: score_rows(qi, static_cast<const float*>(keys), b.n, D_, sqrt_d_, s);
     }
     auto& h = heaps_[size_t(i)];
