@@ -378,6 +378,29 @@ TEST(Dictionary, MarkFirst) {
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"mark_first", -1}}, "t"), Error);
 }
 
+// first_value_weight: the same document, with each query's v1 weighted (v2..v4 keep 1).
+TEST(Dictionary, FirstValueWeight) {
+  const nlohmann::json base = {{"min_definitions", 8}, {"max_definitions", 25}, {"random_offset", 1}};
+  nlohmann::json heavy = base;
+  heavy["first_value_weight"] = 4;
+  for (uint64_t s = 0; s < 10; ++s) {
+    train::Rng r0(s), r1(s);
+    const auto d = tasks::dictionary_document(tasks::DictionaryOptions::from_json(base, "t"), r0);
+    const auto w = tasks::dictionary_document(tasks::DictionaryOptions::from_json(heavy, "t"), r1);
+    ASSERT_EQ(d.tokens, w.tokens);
+    int firsts = 0;
+    for (size_t q = 256; d.tokens[q] == kQueryMark; q += kEntry, ++firsts)
+      for (int j = 0; j < kEntry; ++j) {
+        EXPECT_EQ(d.loss[q + size_t(j)], j >= 6 ? 1 : 0);
+        EXPECT_EQ(w.loss[q + size_t(j)], j == 6 ? 4 : j > 6 ? 1 : 0) << "query at " << q << ", token " << j;
+      }
+    EXPECT_GT(firsts, 0);
+    for (size_t i = 0; i < 256; ++i) EXPECT_EQ(w.loss[i], 0);
+  }
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"first_value_weight", 0}}, "t"), Error);
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"first_value_weight", 256}}, "t"), Error);
+}
+
 TEST(Dictionary, RegisteredInTheTrainer) {
   auto src = train::make_task("dictionary", {{"definitions", 4}}, nullptr, "run.json.data.sources[0]");
   EXPECT_EQ(src->vocab_needed(), 70);
@@ -583,6 +606,23 @@ TEST(EvalCli, DictionaryAndPasskeyOnATinyRandomModel) {
   for (const auto& n : j["values_by_definition_slot"]) by_slot += n.get<int64_t>();
   EXPECT_EQ(by_slot, 300);
   EXPECT_EQ(j["accuracy_by_definition_slot"].size(), j["values_by_definition_slot"].size());
+  // By slot and value place: every query scores one value of each place, so a slot's accuracy is
+  // the mean of its four places and a place's is the mean over slots weighted by their queries.
+  const auto& sp = j["accuracy_by_definition_slot_and_value_place"];
+  ASSERT_EQ(sp.size(), j["accuracy_by_definition_slot"].size());
+  std::vector<double> place_sum(4, 0.0);
+  for (size_t s = 0; s < sp.size(); ++s) {
+    ASSERT_EQ(sp[s].size(), 4u);
+    double slot_mean = 0;
+    const double queries = j["values_by_definition_slot"][s].get<double>() / 4;
+    for (size_t p = 0; p < 4; ++p) {
+      slot_mean += sp[s][p].get<double>() / 4;
+      place_sum[p] += sp[s][p].get<double>() * queries;
+    }
+    EXPECT_NEAR(slot_mean, j["accuracy_by_definition_slot"][s].get<double>(), 1e-12) << "slot " << s;
+  }
+  for (size_t p = 0; p < 4; ++p)
+    EXPECT_NEAR(place_sum[p] / 75, j["accuracy_by_value_place"][p].get<double>(), 1e-12) << "place " << p;
   // The same command gives the same answer.
   auto again = nlohmann::json::parse(run_cli("eval dictionary -m " + (dir / "m").string() +
                                              " --tokens 3000 --seeds 1,2,3 --top-k 4 --json").out);

@@ -194,6 +194,28 @@ TEST(TrainOps, CrossEntropyPerSequenceMean) {
   }
   EXPECT_NEAR(st.loss_sum, ref, 1e-12);
   EXPECT_EQ(st.counted, counted);
+  // A mask value is the row's weight: per sequence, sum(w * nll) / sum(w); gradient checked too.
+  for (int i = 0; i < n; ++i)
+    if (mask[i]) mask[i] = uint8_t(1 + rng() % 4);
+  const CEStats ws = cross_entropy<double>(logits.data(), n, V, targets.data(), mask.data(), S, 0.5, dl.data());
+  for (double& g : dl) g *= 2;
+  expect_small("CrossEntropy weighted dlogits", grad_error(logits, dl, loss));
+  double wref = 0;
+  for (int b = 0; b < B; ++b) {
+    double s = 0, w = 0;
+    for (int i = b * S; i < (b + 1) * S; ++i) {
+      if (!mask[i]) continue;
+      double mx = -1e300, z = 0;
+      for (int j = 0; j < V; ++j) mx = std::max(mx, logits[i * V + j]);
+      for (int j = 0; j < V; ++j) z += std::exp(logits[i * V + j] - mx);
+      s += mask[i] * (mx + std::log(z) - logits[i * V + targets[i]]);
+      w += mask[i];
+    }
+    if (w > 0) wref += s / w;
+  }
+  EXPECT_NEAR(ws.loss_sum, wref, 1e-12);
+  EXPECT_GT(std::abs(ws.loss_sum - st.loss_sum), 1e-6);  // the weights changed the loss
+  EXPECT_EQ(ws.counted, counted);                        // rows, not weights
 }
 
 TEST(CrossBatch, PackSizeRule) {

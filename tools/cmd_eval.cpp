@@ -12,6 +12,7 @@
 
 #include "cli.h"
 #include "perf/machine.h"
+#include "tasks/dictionary.h"
 #include "tasks/eval.h"
 #include "util/error.h"
 
@@ -103,6 +104,8 @@ int run_eval(const EvalArgs& a) {
   };
   const auto [by_place, place_total] = merged(&ll::tasks::SeedResult::correct_by_place, &ll::tasks::SeedResult::total_by_place);
   const auto [by_slot, slot_total] = merged(&ll::tasks::SeedResult::correct_by_slot, &ll::tasks::SeedResult::total_by_slot);
+  const auto [by_slot_place, slot_place_total] =
+      merged(&ll::tasks::SeedResult::correct_by_slot_place, &ll::tasks::SeedResult::total_by_slot_place);
   const auto [by_window, window_total] =
       merged(&ll::tasks::SeedResult::correct_by_window, &ll::tasks::SeedResult::total_by_window);
   ll::tasks::MemoryRanks ranks;
@@ -183,6 +186,13 @@ int run_eval(const EvalArgs& a) {
       out["accuracy_by_value_place"] = by_place;
       out["accuracy_by_definition_slot"] = by_slot;
       out["values_by_definition_slot"] = slot_total;
+      // [slot][v1 … v4]
+      nlohmann::json slot_place = nlohmann::json::array();
+      const size_t nv = size_t(ll::tasks::dict::kValueLength);
+      for (size_t i = 0; i < by_slot_place.size(); i += nv)
+        slot_place.push_back(std::vector<double>(by_slot_place.begin() + long(i),
+                                                 by_slot_place.begin() + long(std::min(i + nv, by_slot_place.size()))));
+      out["accuracy_by_definition_slot_and_value_place"] = slot_place;
       // [first window, later windows]; a side with no queries reads 0 with 0 values
       out["accuracy_by_definition_window"] = by_window;
       out["values_by_definition_window"] = window_total;

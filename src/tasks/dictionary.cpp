@@ -12,7 +12,7 @@ using namespace dict;
 DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const std::string& where) {
   train::check_task_options(o, {"length", "window", "min_definitions", "max_definitions", "definitions", "queries",
                                 "symbols", "unique_queries", "local_definitions", "random_offset", "bos", "near_keys", "max_gap", "key_symbols",
-                                "mark_first"},
+                                "mark_first", "first_value_weight"},
                             where);
   DictionaryOptions d;
   train::task_option(o, "length", d.length, where, 2);
@@ -45,6 +45,9 @@ DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const st
     throw Error(where + ": task option 'key_symbols' < " + std::to_string(kKeyLength) +
                 " does not go with 'local_definitions'");
   train::task_option(o, "mark_first", d.mark_first, where, 0);
+  train::task_option(o, "first_value_weight", d.first_value_weight, where, 1);
+  if (d.first_value_weight > 255)
+    throw Error(where + ": task option 'first_value_weight' must be <= 255 (a loss weight stored in 8 bits)");
   if (d.mark_first > 100) throw Error(where + ": task option 'mark_first' is a percentage, must be <= 100");
   if (d.near_keys > 100) throw Error(where + ": task option 'near_keys' is a percentage, must be <= 100");
   if (d.symbols > kSymbols) throw Error(where + ": task option 'symbols' must be <= " + std::to_string(kSymbols));
@@ -203,6 +206,9 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
   const int queries =
       o.unique_queries ? std::min<int>(o.queries, int(starts.size()) + o.local_definitions) : o.queries;
   query_window(t, d.loss, defs, starts, o.window, queries, rng, o.local_definitions, &used, o.symbols);
+  if (o.first_value_weight != 1)  // a scored token after an unscored one is a v1
+    for (size_t i = d.loss.size() - 1; i > 0; --i)
+      if (d.loss[i] && !d.loss[i - 1]) d.loss[i] = uint8_t(o.first_value_weight);
   return d;
 }
 

@@ -73,6 +73,9 @@ struct DictionaryOptions {
   // by the tokens just before it, like v2..v4, instead of across the <v> mark, which carries
   // nothing about the key (the lookup that stays weakest: docs/tasks.md, session 12).
   int mark_first = 0;
+  // The loss weight of each queried first value v1 (v2..v4 keep 1): v1 is the value looked up by
+  // the key alone, and the one that fails first as the memory grows (docs/tasks.md, session 21).
+  int first_value_weight = 1;
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };
 

@@ -224,7 +224,11 @@ SeedResult eval_dictionary(Weights& w, int64_t tokens, uint64_t seed, int top_k,
     const bool ok = argmax(&logits[(i - 1) * size_t(V)], V) == e.queries[i];
     count(r.correct_by_place, r.total_by_place, size_t(place), ok);
     const size_t query = i / dict::kEntry;
-    if (query < e.query_slot.size()) count(r.correct_by_slot, r.total_by_slot, size_t(e.query_slot[query]), ok);
+    if (query < e.query_slot.size()) {
+      count(r.correct_by_slot, r.total_by_slot, size_t(e.query_slot[query]), ok);
+      count(r.correct_by_slot_place, r.total_by_slot_place,
+            size_t(e.query_slot[query]) * dict::kValueLength + size_t(place), ok);
+    }
     if (query < e.query_first_window.size())
       count(r.correct_by_window, r.total_by_window, e.query_first_window[query] ? 0 : 1, ok);
   }

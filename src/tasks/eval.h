@@ -49,6 +49,9 @@ struct SeedResult {
   // dictionary only: the same by the slot of the queried definition in its window of the prefix
   // (0 = first of the window): a lookup learned on few definitions per window fails past them
   std::vector<int64_t> correct_by_slot, total_by_slot;
+  // dictionary only: by slot and value place together, at slot * dict::kValueLength + place (a slot's
+  // first value can fail where its other values do not: docs/tasks.md, session 23)
+  std::vector<int64_t> correct_by_slot_place, total_by_slot_place;
   // dictionary only: the same for definitions in the prefix's first window (index 0, it opens with
   // BOS) and in later windows (index 1)
   std::vector<int64_t> correct_by_window, total_by_window;

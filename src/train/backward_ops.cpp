@@ -178,7 +178,7 @@ CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const u
   std::vector<double> nll(n, 0.0);
   std::vector<uint8_t> hit(n, 0);
   std::vector<int> count(n / S, 0);
-  for (int i = 0; i < n; ++i) count[i / S] += mask[i] ? 1 : 0;
+  for (int i = 0; i < n; ++i) count[i / S] += mask[i];  // a mask value is the row's weight
 #pragma omp parallel for schedule(static) if (int64_t(n) * V > kParallelWork)
   for (int i = 0; i < n; ++i) {
     const T* l = logits + int64_t(i) * V;
@@ -199,23 +199,25 @@ CEStats cross_entropy(const T* logits, int n, int V, const int* targets, const u
 #pragma omp simd
       for (int j = 0; j < V; ++j) g[j] = fast_exp(l[j] - mx);
       for (int j = 0; j < V; ++j) sum += g[j];  // in order: the bits do not depend on the vector width
-      const T scale = grad_scale / T(count[i / S]), k = scale / sum;
+      const T scale = grad_scale * T(mask[i]) / T(count[i / S]), k = scale / sum;
 #pragma omp simd
       for (int j = 0; j < V; ++j) g[j] *= k;
       g[t] -= scale;
     } else {
       for (int j = 0; j < V; ++j) sum += fast_exp(l[j] - mx);
     }
-    nll[i] = double(mx + std::log(sum) - lt);
+    nll[i] = double(mx + std::log(sum) - lt) * mask[i];
   }
   CEStats st;
   for (int b = 0; b < n / S; ++b) {
     double s = 0;
     for (int i = b * S; i < (b + 1) * S; ++i) s += nll[i];
     if (count[b] > 0) st.loss_sum += s / count[b];
-    st.counted += count[b];
   }
-  for (int i = 0; i < n; ++i) st.correct += hit[i];
+  for (int i = 0; i < n; ++i) {
+    st.correct += hit[i];
+    st.counted += mask[i] ? 1 : 0;
+  }
   return st;
 }
 

@@ -31,7 +31,7 @@ uint64_t mix_seed(uint64_t a, uint64_t b);  // for independent streams: Rng(mix_
 
 struct Document {
   std::vector<int> tokens;
-  std::vector<uint8_t> loss;  // loss[i]: predicting tokens[i] counts
+  std::vector<uint8_t> loss;  // loss[i]: the weight of predicting tokens[i] in the loss (0: not counted)
 };
 
 class DocumentSource {
