@@ -95,8 +95,8 @@ void swiglu_bwd(const T* g, const T* u, const T* da, int64_t n, T* dg, T* du);
 // Cross-entropy over rows grouped into sequences of S rows, as EasyLM's
 // cross_entropy_loss_and_accuracy: per sequence, the mean of -log p(target) over rows with
 // mask != 0, weighted by the mask value (1 for every row in EasyLM; a task may weigh some rows
-// more, e.g. the dictionary's first values; a sequence without such rows contributes 0). Returns the SUM over sequences of those
-// means; the caller divides by the batch size. With dlogits, writes
+// more, e.g. the dictionary's first values; a sequence without such rows contributes 0).
+// Returns the SUM over sequences of those means; the caller divides by the batch size. With dlogits, writes
 // d(grad_scale · returned sum)/d(logits) (rows with mask 0 get zeros); dlogits may alias logits.
 struct CEStats {
   double loss_sum = 0;  // Σ over sequences of per-sequence mean NLL
