@@ -259,8 +259,10 @@ Vec attention_reference(const CrossBatch& cb, int B, int S, int H, int D, const 
           return s / std::sqrt(double(D));
         };
         for (int j = 0; j <= i; ++j) keys.push_back({score(Kown, b * S + j), &V[(b * S + j) * ld + h * D]});
-        for (int e = b - cb.contexts(b) + 1; e < b; ++e)
-          for (int j = 0; j < S; ++j) keys.push_back({score(Kx, e * S + j), &V[(e * S + j) * ld + h * D]});
+        for (int e = b - cb.contexts(b) + 1; e < b; ++e) {
+          const double bias = e / cb.k != b / cb.k ? cb.negative_bias : 0.0;  // another stream: a negative
+          for (int j = 0; j < S; ++j) keys.push_back({score(Kx, e * S + j) + bias, &V[(e * S + j) * ld + h * D]});
+        }
         if (extra) extra(b, h, i, keys);
         double mx = -1e300, z = 0;
         for (auto& k : keys) mx = std::max(mx, k.first);
@@ -321,8 +323,9 @@ void check_attention(const CrossBatch& cb, int B, int S, int H, int D, uint64_t 
   else
     EXPECT_EQ(dot(dKx, dKx), 0.0);
   std::printf(
-      "  k=%d r=%d stepping=%d negatives=%d B=%d S=%d H=%d D=%d: fwd %.1e, grad Q %.1e Kown %.1e Kx %.1e V %.1e\n",
-      cb.k, cb.range, cb.stepping, cb.negatives, B, S, H, D, fwd_err, eq, ek, ex, ev);
+      "  k=%d r=%d stepping=%d negatives=%d bias=%g B=%d S=%d H=%d D=%d: fwd %.1e, grad Q %.1e Kown %.1e Kx %.1e V "
+      "%.1e\n",
+      cb.k, cb.range, cb.stepping, cb.negatives, cb.negative_bias, B, S, H, D, fwd_err, eq, ek, ex, ev);
 }
 
 }  // namespace
@@ -334,6 +337,23 @@ TEST(CrossBatch, AttentionGradients) {
   check_attention({3, 4, false, true}, 6, 5, 3, 2, 13);  // no stepping, range beyond the pack
   check_attention({3, 5, true, false}, 6, 5, 1, 6, 14);  // positives only
   check_attention({1, 2, true, true}, 4, 3, 2, 4, 15);   // k = 1: negatives only
+  // An additive margin on the negatives' scores (cross_batch.negative_bias): positives unbiased.
+  check_attention({2, 3, true, true, 1.7}, 6, 5, 2, 4, 16);
+  check_attention({4, 3, true, true, -0.9}, 8, 5, 2, 4, 17);
+  check_attention({1, 2, true, true, 2.5}, 4, 3, 2, 4, 18);
+}
+
+// Which earlier entries are negatives: those of earlier packs, and they come first.
+TEST(CrossBatch, NegativeContexts) {
+  const CrossBatch paper{4, 3, true, true};  // (positives, negatives) (0,0) (1,1) (2,1) (3,0)
+  const int expect[4] = {0, 1, 1, 0};
+  for (int b = 4; b < 8; ++b) EXPECT_EQ(paper.negative_contexts(b), expect[b % 4]) << b;
+  EXPECT_EQ(paper.negative_contexts(1), 0);  // the first pack has no earlier pack
+  const CrossBatch dict{2, 63, true, true};  // the dictionary recipe's stage N shape (batch 64)
+  EXPECT_EQ(dict.negative_contexts(63), 62);
+  EXPECT_EQ(dict.negative_contexts(62), 0);
+  const CrossBatch own{2, 63, true, false};
+  EXPECT_EQ(own.negative_contexts(63), 0);
 }
 
 // Sequences longer than the causal tile (64 rows): the own block is computed in tiles, with a
@@ -348,7 +368,7 @@ TEST(CrossBatch, AttentionTiledOwnBlock) {
 // S is odd so the team's two halves of dQ differ in size.
 TEST(CrossBatch, BackwardTeamMatchesSerialBits) {
   const int B = 4, S = 33, H = 1, D = 64;
-  const CrossBatch cb{2, 3, true, true};
+  const CrossBatch cb{2, 3, true, true, 1.3};  // with a negative bias: each block's shift is the team's too
   std::mt19937_64 rng(21);
   const size_t n = size_t(B) * S * H * D;
   std::vector<float> in[5];

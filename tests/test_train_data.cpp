@@ -256,6 +256,9 @@ TEST(TrainConfig, ValidatesWithFieldNames) {
   EXPECT_NE(config_error(with("optimizer", {{"schedule", "linear"}})).find("optimizer.schedule"), std::string::npos);
   EXPECT_NE(config_error(with("cross_batch", {{"schedule", {{{"steps", 3}}}}})).find("cross_batch.schedule[0].range"),
             std::string::npos);
+  EXPECT_NE(config_error(with("cross_batch", {{"negative_bias", 1e9}})).find("TRAIN.json.cross_batch.negative_bias"),
+            std::string::npos);
+  EXPECT_EQ(TrainConfig::from_json(with("cross_batch", {{"negative_bias", 4.5}}), "T.json", "/b").negative_bias, 4.5);
   EXPECT_NE(config_error(with("steps", "many")).find("TRAIN.json.steps has the wrong type"), std::string::npos);
   EXPECT_NE(config_error(with("data", {{"sources", {{{"text", {"a.txt"}}}}}})).find("tokenizer"), std::string::npos);
   json no_out = minimal_config();

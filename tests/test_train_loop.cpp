@@ -495,6 +495,35 @@ TEST(TrainLoop, StopsAtEvalAccuracy) {
 
 // The negative bank (with and without a momentum copy) is used: training differs from the same run
 // without it, and stays independent of the thread count. It needs memory layers without positions.
+// cross_batch.negative_bias changes training (the run has negatives: range 3 over packs of 2),
+// stays independent of the thread count, is 0 in the evaluation view, and a bank refuses it.
+TEST(TrainLoop, NegativeBiasIsUsedAndDeterministic) {
+  auto run = [](double bias, int threads) {
+    const fs::path dir = temp_dir("nbias" + std::to_string(threads));
+    json j = copy_run(dir, 4);
+    j["cross_batch"]["schedule"] = json::array({{{"range", 3}}});
+    j["cross_batch"]["negative_bias"] = bias;
+    j["threads"] = threads;
+    Trainer t(config_of(j), Trainer::Start::Fresh);
+    for (int i = 0; i < 3; ++i) t.step();
+    fs::remove_all(dir);
+    return t.params();
+  };
+  const std::vector<float> plain = run(0.0, 1), one = run(3.0, 1), two = run(3.0, 2);
+  EXPECT_TRUE(one == two);
+  EXPECT_FALSE(one == plain);
+  json j = copy_run(temp_dir("nbias_bank"), 1);
+  j["model"]["mem_positionals"] = false;
+  j["cross_batch"]["negative_bias"] = 2.0;
+  j["negative_bank"] = {{"size", 48}};
+  try {
+    config_of(j);
+    ADD_FAILURE() << "a bank with a negative bias was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("negative_bias"), std::string::npos) << e.what();
+  }
+}
+
 TEST(TrainLoop, NegativeBankIsUsedAndDeterministic) {
   auto run = [](const json& bank, int threads) {
     const fs::path dir = temp_dir("bank" + std::to_string(threads));

@@ -22,6 +22,11 @@ int CrossBatch::contexts(int b) const {
   return std::min(n, b + 1);
 }
 
+int CrossBatch::negative_contexts(int b) const {
+  const int first = b - contexts(b) + 1, pack_start = b - b % k;
+  return std::max(0, pack_start - first);
+}
+
 namespace {
 
 bool worth_threads(int B, int S, int H, int D) { return int64_t(B) * H * S * S * D > (1 << 16); }
@@ -77,8 +82,17 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
       }
       continue;
     }
-    if (c > 1)  // earlier entries' keys, un-rotated, all visible
+    if (c > 1) {  // earlier entries' keys, un-rotated, all visible
       gemm_serial<T>(false, true, S, (c - 1) * S, D, scale, q, ld, Kx + first * ld + h * D, ld, T(0), p, W);
+      const int neg = cb.negative_contexts(b) * S;  // negatives' columns come first
+      if (cb.negative_bias != 0 && neg > 0)
+        for (int i = 0; i < S; ++i) {
+          T* row = p + int64_t(i) * W;
+          const T bias = T(cb.negative_bias);
+#pragma omp simd
+          for (int j = 0; j < neg; ++j) row[j] += bias;
+        }
+    }
     gemm_serial<T>(false, true, S, S, D, scale, q, ld, Kown + int64_t(b) * S * ld + h * D, ld, T(0), p + (c - 1) * S,
                    W);
     for (int i = 0; i < S; ++i) {  // one softmax over (c-1)·S cross keys + own keys 0..i
@@ -129,9 +143,10 @@ void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* 
       for (int j = 0; j < D; ++j) s += go[int64_t(i) * ld + j] * o[j];
       delta[i] = s;
     }
-    const int c = cb.contexts(b);
+    const int c = cb.contexts(b), pack_start = b - b % cb.k;
     for (int e = b - c + 1; e <= b; ++e) {  // the key entries b sees; e == b: own causal keys
       const bool own = e == b;
+      const T l_shift = e < pack_start ? T(cb.negative_bias) : T(0);  // a negative's scores carry the bias
       const T* k = own ? at(Kown, b, h) : at(Kx, e, h);
       if (e > b - c + 1) barrier();  // the previous block's gradients have read P and dS
       // Own keys come in tiles of kCausalTile rows: rows [r0, r1) see keys [0, r1).
@@ -152,7 +167,7 @@ void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* 
         T* p = P + int64_t(i) * S;
         T* ds = dS + int64_t(i) * S;
         const int n = own ? i + 1 : S, width = own ? r1_of(i / kCausalTile) : S;
-        const T l = row_lse[i], dl = delta[i];
+        const T l = row_lse[i] - l_shift, dl = delta[i];
 #pragma omp simd
         for (int j = 0; j < n; ++j) {
           p[j] = fast_exp(p[j] - l);

@@ -17,6 +17,11 @@ struct CrossBatch {
   int range = 0;          // r = cross_batch_range: at most r earlier entries (d = r + 1 contexts)
   bool stepping = true;   // the JAX "stepping" rule: fewer contexts early in a pack
   bool negatives = true;  // false: only entries of b's own pack (= what inference sees)
+  // Added to every score against a negative (an entry of an earlier pack): an additive margin, as
+  // in AM-softmax. A negative key then weighs as much as e^bias keys of its score would, so a
+  // softmax over the ~d·S training keys stands in for one over a memory e^bias times larger; the
+  // positive must beat the negatives by `bias` more to get the same attention. 0 = the JAX code.
+  double negative_bias = 0;
 
   // Contexts of entry b (own + earlier entries), the JAX pack_size:
   //   min((b mod k)·ceil((r+1)/max(k-1,1)) + 1, r+1, b+1), stepping only when k > 1.
@@ -24,6 +29,8 @@ struct CrossBatch {
   // (0,0), (1,1), (2,1), (3,0), the paper's LongLLaMA-3B recipe. The first pack of a micro-batch
   // has no earlier pack, so it gets no negatives.
   int contexts(int b) const;
+  // How many of b's earlier context entries are negatives: they come first (entries b-c+1 ..).
+  int negative_contexts(int b) const;
 };
 
 // Q, Kown: queries and own keys, rotated when the layer uses RoPE; Kx: the keys other entries

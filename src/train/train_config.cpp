@@ -173,6 +173,9 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
   if (f.has("cross_batch")) {
     Fields cb(f.at("cross_batch"), f.name("cross_batch"));
     cb.get("stepping", c.stepping);
+    cb.get("negative_bias", c.negative_bias);
+    if (!std::isfinite(c.negative_bias) || std::abs(c.negative_bias) > 30)
+      throw Error(cb.name("negative_bias") + ": must be a number in [-30, 30] (a logit offset)");
     cb.get("accuracy_window", c.accuracy_window, 1);
     if (cb.has("schedule")) {
       const json& sch = cb.at("schedule");
@@ -269,6 +272,8 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     if (!(c.negative_bank_momentum >= 0 && c.negative_bank_momentum < 1))
       throw Error(nb.name("momentum") + ": must be in [0, 1)");
     nb.done();
+    if (c.negative_bank_size > 0 && c.negative_bias != 0)
+      throw Error(nb.name("size") + ": a negative bank does not combine with cross_batch.negative_bias (its keys would need the bias too)");
     if (c.negative_bank_size > 0 && c.model.mem_positionals)
       throw Error(nb.name("size") + ": a negative bank needs memory layers without positions (mem_positionals false)");
   }

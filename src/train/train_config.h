@@ -45,6 +45,7 @@ struct TrainConfig {
   int micro_batch_size = 0;  // entries per forward/backward (0 = batch_size)
   int pack_size = 1;         // k
   bool stepping = true;
+  double negative_bias = 0;  // cross_batch.negative_bias (CrossBatch::negative_bias), training steps only
   std::vector<Phase> schedule = {Phase{}};
   int accuracy_window = 10;
 

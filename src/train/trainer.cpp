@@ -274,7 +274,7 @@ void Trainer::advance_schedule(double accuracy) {
 StepStats Trainer::step() {
   const auto t0 = clock_type::now();
   const int S = cfg_.seq_len, B = cfg_.batch_size, mb = cfg_.micro_batch_size;
-  const CrossBatch cb{cfg_.pack_size, current_range(), cfg_.stepping, true};
+  const CrossBatch cb{cfg_.pack_size, current_range(), cfg_.stepping, true, cfg_.negative_bias};
   stream_->next(inputs_, targets_, mask_);
   std::fill(grads_.begin(), grads_.end(), 0.0f);
   double loss_sum = 0;
@@ -439,7 +439,7 @@ double train_flops_per_token(const ModelConfig& c, int S, int micro_batch, const
 BenchReport Trainer::bench(int steps) {
   BenchReport r;
   r.params = params_.size();
-  const CrossBatch cb{cfg_.pack_size, current_range(), cfg_.stepping, true};
+  const CrossBatch cb{cfg_.pack_size, current_range(), cfg_.stepping, true, cfg_.negative_bias};
   r.flops_per_token = train_flops_per_token(cfg_.model, cfg_.seq_len, cfg_.micro_batch_size, cb);
   step();  // warm-up: allocations, page faults
   const auto t0 = clock_type::now();
