@@ -59,6 +59,16 @@ json copy_run(const fs::path& out, int steps) {
 
 TrainConfig config_of(const json& j) { return TrainConfig::from_json(j, "test TRAIN.json", "/"); }
 
+// The config is refused with a message that names `needle`.
+void expect_refused(const json& j, const std::string& needle) {
+  try {
+    config_of(j);
+    ADD_FAILURE() << "accepted; expected an error naming " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 
 TEST(TrainLoop, LossFallsOnCopyTask) {
@@ -516,12 +526,7 @@ TEST(TrainLoop, NegativeBiasIsUsedAndDeterministic) {
   j["model"]["mem_positionals"] = false;
   j["cross_batch"]["negative_bias"] = 2.0;
   j["negative_bank"] = {{"size", 48}};
-  try {
-    config_of(j);
-    ADD_FAILURE() << "a bank with a negative bias was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("negative_bias"), std::string::npos) << e.what();
-  }
+  expect_refused(j, "negative_bias");  // a bank with a negative bias
 }
 
 TEST(TrainLoop, NegativeBankIsUsedAndDeterministic) {
@@ -546,12 +551,7 @@ TEST(TrainLoop, NegativeBankIsUsedAndDeterministic) {
   }
   json j = copy_run(temp_dir("bank_pos"), 1);
   j["negative_bank"] = {{"size", 48}};
-  try {
-    config_of(j);
-    ADD_FAILURE() << "a bank with positional memory layers was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("mem_positionals"), std::string::npos) << e.what();
-  }
+  expect_refused(j, "mem_positionals");  // a bank with positional memory layers
   j["model"]["mem_positionals"] = false;
   j["negative_bank"]["momentum"] = 1.0;
   EXPECT_THROW(config_of(j), Error);
