@@ -401,6 +401,59 @@ TEST(Dictionary, FirstValueWeight) {
   EXPECT_THROW(tasks::DictionaryOptions::from_json({{"first_value_weight", 256}}, "t"), Error);
 }
 
+// Attention targets (memory_attention_loss): every queried value points at the same value of its
+// definition (an earlier position holding the same token, whose key follows the queried key), in
+// both layouts and with local definitions; nothing else has a target.
+TEST(Dictionary, AttentionTargetsPointAtTheDefinitionsValues) {
+  for (const nlohmann::json& o :
+       {nlohmann::json{{"min_definitions", 4}, {"max_definitions", 25}, {"random_offset", 1}, {"mark_first", 50}},
+        nlohmann::json{{"min_definitions", 2}, {"max_definitions", 8}, {"local_definitions", 3}, {"length", 768}},
+        nlohmann::json{{"symbols", 8}, {"unique_queries", 1}, {"bos", 0}}}) {
+    const auto opt = tasks::DictionaryOptions::from_json(o, "t");
+    int targets = 0, local = 0;
+    for (uint64_t s = 0; s < 10; ++s) {
+      train::Rng rng(s);
+      const auto d = tasks::dictionary_document(opt, rng);
+      ASSERT_EQ(d.attend.size(), d.tokens.size());
+      const size_t query_window = d.tokens.size() - size_t(opt.window);
+      for (size_t i = 0; i < d.tokens.size(); ++i) {
+        ASSERT_EQ(d.attend[i] >= 0, d.loss[i] != 0) << "at " << i << ": a target exactly where a value is scored";
+        if (d.attend[i] < 0) continue;
+        const size_t a = size_t(d.attend[i]);
+        ++targets;
+        local += a >= query_window;
+        EXPECT_EQ(d.tokens[a], d.tokens[i]) << "the target holds the value to predict";
+        // the same place in a definition whose key (and mark) the query repeats
+        size_t qs = i, ds = a;
+        while (d.tokens[qs] != kQueryMark) --qs;
+        while (d.tokens[ds] != kKeyMark) --ds;
+        EXPECT_EQ(i - qs, a - ds) << "same place in the entry";
+        for (size_t j = 1; j < 6; ++j) EXPECT_EQ(d.tokens[qs + j], d.tokens[ds + j]) << "same key (and <v> mark)";
+      }
+    }
+    EXPECT_GT(targets, 100);
+    if (opt.local_definitions > 0) EXPECT_GT(local, 10) << "local definitions are targets too";
+  }
+  // attend_values: targets for the first n values only, the same document otherwise.
+  for (int n = 0; n <= kValueLength; ++n) {
+    const auto all = tasks::DictionaryOptions::from_json({{"symbols", 16}}, "t");
+    const auto some = tasks::DictionaryOptions::from_json({{"symbols", 16}, {"attend_values", n}}, "t");
+    train::Rng r0(7), r1(7);
+    const auto d = tasks::dictionary_document(all, r0), e = tasks::dictionary_document(some, r1);
+    ASSERT_EQ(d.tokens, e.tokens);
+    int kept = 0;
+    for (size_t i = 0; i < d.tokens.size(); ++i) {
+      size_t qs = i;
+      while (qs > 0 && d.tokens[qs] != kQueryMark && d.tokens[qs] != kKeyMark) --qs;
+      const bool in_place = d.attend[i] >= 0 && int(i - qs) < kEntry - kValueLength + n;
+      EXPECT_EQ(e.attend[i], in_place ? d.attend[i] : -1) << "n = " << n << ", at " << i;
+      kept += e.attend[i] >= 0;
+    }
+    EXPECT_EQ(kept > 0, n > 0);
+  }
+  EXPECT_THROW(tasks::DictionaryOptions::from_json({{"attend_values", 5}}, "t"), Error);
+}
+
 TEST(Dictionary, RegisteredInTheTrainer) {
   auto src = train::make_task("dictionary", {{"definitions", 4}}, nullptr, "run.json.data.sources[0]");
   EXPECT_EQ(src->vocab_needed(), 70);

@@ -49,6 +49,12 @@ double grad_error(Vec& x, const Vec& analytic, const std::function<double()>& lo
 
 constexpr double kTol = 1e-8;
 
+double max_abs_diff(const Vec& a, const Vec& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
 // Expects a relative gradient error below kTol and prints it (the numbers quoted in reports).
 void expect_small(const char* what, double err) {
   std::printf("  %-22s max relative gradient error %.1e\n", what, err);
@@ -341,6 +347,93 @@ TEST(CrossBatch, AttentionGradients) {
   check_attention({2, 3, true, true, 1.7}, 6, 5, 2, 4, 16);
   check_attention({4, 3, true, true, -0.9}, 8, 5, 2, 4, 17);
   check_attention({1, 2, true, true, 2.5}, 4, 3, 2, 4, 18);
+}
+
+// Attention targets (memory_attention_loss): the loss Σ w·(−log P(row attends its target)) against
+// a direct evaluation of the softmax, and the gradients of Σ dO·O plus that loss against finite
+// differences. Targets in the own block, in a positive and in a (biased) negative entry, targets
+// the row does not see (later keys, entries out of range: ignored) and rows without one.
+namespace {
+
+void check_attention_targets(const CrossBatch& cb, int B, int S, int H, int D, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const size_t n = size_t(B) * S * H * D;
+  const int ld = H * D;
+  Vec Q = randn(n, rng), Kown = randn(n, rng), Kx = randn(n, rng), V = randn(n, rng), w = randn(n, rng);
+  std::vector<int32_t> attend(size_t(B) * S, -1);
+  Vec weight(size_t(B) * S, 0.0);
+  int visible = 0, hidden = 0;
+  for (int r = 0; r < B * S; ++r) {
+    if (rng() % 4 == 0) continue;  // no target
+    const int b = r / S, i = r % S, c = cb.contexts(b);
+    if (rng() % 4 == 0) {
+      attend[size_t(r)] = int32_t(rng() % uint64_t(B * S));  // anywhere: mostly not seen
+    } else {                                                // a key the row sees
+      const int e = b - int(rng() % uint64_t(c));
+      attend[size_t(r)] = int32_t(e * S + int(rng() % uint64_t(e < b ? S : i + 1)));
+    }
+    weight[size_t(r)] = 0.25 + 0.5 * double(rng() % 100) / 100;
+    (cb.sees(r / S, r % S, attend[size_t(r)] / S, attend[size_t(r)] % S) ? visible : hidden)++;
+  }
+  ASSERT_GT(visible, 3);
+  ASSERT_GT(hidden, 3);
+  const AttendTargets<double> targets{attend.data(), weight.data()};
+  Vec lse(size_t(B) * H * S), O(n);
+  auto loss = [&] {
+    attention_fwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data());
+    return dot(O, w) + attention_target_loss(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), lse.data(), targets);
+  };
+  // The loss against the softmax written out: the target's probability among every key the row sees.
+  loss();
+  double want = 0;
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < S; ++i) {
+      const int r = b * S + i, t = attend[size_t(r)];
+      if (t < 0 || !cb.sees(b, i, t / S, t % S)) continue;
+      for (int h = 0; h < H; ++h) {
+        double z = 0, target = 0;
+        for (int e = 0; e <= b; ++e)
+          for (int j = 0; j < S; ++j) {
+            if (!cb.sees(b, i, e, j)) continue;
+            const Vec& K = e == b ? Kown : Kx;
+            double s = 0;
+            for (int x = 0; x < D; ++x) s += Q[size_t(r) * ld + h * D + x] * K[(size_t(e) * S + j) * ld + h * D + x];
+            s = s / std::sqrt(double(D)) + (e / cb.k != b / cb.k ? cb.negative_bias : 0.0);
+            z += std::exp(s);
+            if (e * S + j == t) target = std::exp(s);
+          }
+        want += weight[size_t(r)] * -std::log(target / z);
+      }
+    }
+  const double got = attention_target_loss(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), lse.data(), targets);
+  EXPECT_NEAR(got, want, 1e-9 * std::abs(want));
+  EXPECT_GT(want, 0.0);
+  Vec dQ(n), dKown(n), dKx(n), dV(n);
+  attention_bwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data(), w.data(), dQ.data(),
+                dKown.data(), dKx.data(), dV.data(), targets);
+  const double eq = grad_error(Q, dQ, loss), ek = grad_error(Kown, dKown, loss), ex = grad_error(Kx, dKx, loss),
+               ev = grad_error(V, dV, loss);
+  EXPECT_LT(eq, kTol);
+  EXPECT_LT(ek, kTol);
+  EXPECT_LT(ex, kTol);
+  EXPECT_LT(ev, kTol);
+  // The targets change the score gradients (and not the values'): not the plain backward pass.
+  Vec pQ(n), pKown(n), pKx(n), pV(n);
+  attention_bwd(cb, B, S, H, D, Q.data(), Kown.data(), Kx.data(), V.data(), lse.data(), O.data(), w.data(), pQ.data(),
+                pKown.data(), pKx.data(), pV.data());
+  EXPECT_GT(max_abs_diff(dQ, pQ), 1e-3);
+  EXPECT_EQ(max_abs_diff(dV, pV), 0.0);
+  std::printf("  targets k=%d r=%d bias=%g B=%d S=%d H=%d D=%d: %d visible, %d ignored; loss %.3e (direct %.3e), grad "
+              "Q %.1e Kown %.1e Kx %.1e V %.1e\n",
+              cb.k, cb.range, cb.negative_bias, B, S, H, D, visible, hidden, got, want, eq, ek, ex, ev);
+}
+
+}  // namespace
+
+TEST(CrossBatch, AttentionTargetGradients) {
+  check_attention_targets({2, 3, true, true}, 6, 5, 2, 4, 41);        // positives and negatives
+  check_attention_targets({2, 3, true, true, 1.3}, 6, 5, 1, 4, 42);   // biased negatives, one head
+  check_attention_targets({1, 0, true, true}, 3, 7, 2, 3, 43);        // own keys only
 }
 
 // Which earlier entries are negatives: those of earlier packs, and they come first.

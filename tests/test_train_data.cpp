@@ -32,7 +32,67 @@ class CountingSource : public DocumentSource {
   int vocab_needed() const override { return 1000; }
 };
 
+// Documents whose token i is i, with attention targets attend[i] = i - 1 - i % 3 (from i = 3).
+class AttendingSource : public DocumentSource {
+ public:
+  Document next(Rng& rng) const override {
+    const int n = 5 + int(rng.below(30));
+    Document d;
+    for (int i = 0; i < n; ++i) {
+      d.tokens.push_back(i);
+      d.loss.push_back(1);
+      d.attend.push_back(i >= 3 ? i - 1 - i % 3 : -1);
+    }
+    return d;
+  }
+  int vocab_needed() const override { return 64; }
+};
+
 }  // namespace
+
+// Attention targets become rows of the batch: the key row holds the target position's token, in
+// the same stream and before the row; a target before the step's first row is dropped (-1).
+TEST(TrainData, AttentionTargetsBecomeBatchRows) {
+  auto src = std::make_shared<AttendingSource>();
+  const int streams = 3, k = 2, S = 7, per = k * S;
+  PackedStreams ps(src, 9, streams, k, S);
+  std::vector<int> in, tg;
+  std::vector<uint8_t> mk;
+  std::vector<int32_t> attend;
+  int kept = 0, dropped = 0;
+  for (int step = 0; step < 20; ++step) {
+    ps.next(in, tg, mk, &attend);
+    ASSERT_EQ(attend.size(), in.size());
+    for (int r = 0; r < streams * per; ++r) {
+      const int pos = tg[r];  // the predicted token's position in its document
+      if (pos < 3) {
+        EXPECT_EQ(attend[r], -1);
+        continue;
+      }
+      const int want = pos - 1 - pos % 3, key_row = r + 1 - (pos - want);  // row r + 1 holds position pos
+      if (key_row < r / per * per) {
+        EXPECT_EQ(attend[r], -1) << "row " << r << ": its key is in an earlier step";
+        ++dropped;
+        continue;
+      }
+      ASSERT_EQ(attend[r], key_row) << "row " << r;
+      EXPECT_EQ(in[key_row], want);
+      EXPECT_LE(attend[r], r);
+      ++kept;
+    }
+  }
+  EXPECT_GT(kept, 100);
+  EXPECT_GT(dropped, 5);
+  // Without the output vector nothing changes in the rest.
+  PackedStreams a(src, 9, streams, k, S), b(src, 9, streams, k, S);
+  std::vector<int> in2, tg2;
+  std::vector<uint8_t> mk2;
+  a.next(in, tg, mk, &attend);
+  b.next(in2, tg2, mk2);
+  EXPECT_EQ(in, in2);
+  EXPECT_EQ(tg, tg2);
+  EXPECT_EQ(mk, mk2);
+}
 
 TEST(TrainData, KPackingKeepsStreamsContiguous) {
   auto src = std::make_shared<CountingSource>();
@@ -259,6 +319,8 @@ TEST(TrainConfig, ValidatesWithFieldNames) {
   EXPECT_NE(config_error(with("cross_batch", {{"negative_bias", 1e9}})).find("TRAIN.json.cross_batch.negative_bias"),
             std::string::npos);
   EXPECT_EQ(TrainConfig::from_json(with("cross_batch", {{"negative_bias", 4.5}}), "T.json", "/b").negative_bias, 4.5);
+  EXPECT_NE(config_error(with("memory_attention_loss", -1)).find("TRAIN.json.memory_attention_loss"), std::string::npos);
+  EXPECT_EQ(TrainConfig::from_json(with("memory_attention_loss", 0.5), "T.json", "/b").memory_attention_loss, 0.5);
   EXPECT_NE(config_error(with("steps", "many")).find("TRAIN.json.steps has the wrong type"), std::string::npos);
   EXPECT_NE(config_error(with("data", {{"sources", {{{"text", {"a.txt"}}}}}})).find("tokenizer"), std::string::npos);
   json no_out = minimal_config();

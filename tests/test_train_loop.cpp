@@ -529,6 +529,46 @@ TEST(TrainLoop, NegativeBiasIsUsedAndDeterministic) {
   expect_refused(j, "negative_bias");  // a bank with a negative bias
 }
 
+// memory_attention_loss on the dictionary task (which knows each value's key): the term is
+// reported and changes training, training stays independent of the thread count, weight 0 is the
+// plain run; a model without memory layers or a negative bank refuses it.
+TEST(TrainLoop, MemoryAttentionLossIsUsedAndDeterministic) {
+  auto dict_run = [](const fs::path& dir) {
+    json j = copy_run(dir, 3);
+    j["model"]["vocab_size"] = 70;
+    j["model"]["max_position_embeddings"] = 32;
+    j["data"] = {{"sources", {{{"task", "dictionary"}, {"options", {{"window", 32}, {"length", 64}}}}}}};
+    j["cross_batch"]["schedule"] = json::array({{{"range", 3}}});
+    return j;
+  };
+  auto run = [&](double weight, int threads, double* attention_loss) {
+    const fs::path dir = temp_dir("attn" + std::to_string(threads));
+    json j = dict_run(dir);
+    j["memory_attention_loss"] = weight;
+    j["threads"] = threads;
+    Trainer t(config_of(j), Trainer::Start::Fresh);
+    for (int i = 0; i < 3; ++i) *attention_loss = t.step().attention_loss;
+    fs::remove_all(dir);
+    return t.params();
+  };
+  double a0 = -1, a1 = -1, a2 = -1;
+  const std::vector<float> plain = run(0.0, 1, &a0), one = run(1.0, 1, &a1), two = run(1.0, 2, &a2);
+  EXPECT_EQ(a0, 0.0);
+  EXPECT_GT(a1, 0.5);  // −log P of one key among dozens, at random init
+  EXPECT_EQ(a1, a2);
+  EXPECT_TRUE(one == two);
+  EXPECT_FALSE(one == plain);
+  json j = dict_run(temp_dir("attn_refused"));
+  j["memory_attention_loss"] = 1.0;
+  j["model"]["mem_layers"] = json::array();
+  expect_refused(j, "memory_attention_loss");  // nothing to supervise
+  j = dict_run(temp_dir("attn_refused"));
+  j["memory_attention_loss"] = 1.0;
+  j["model"]["mem_positionals"] = false;
+  j["negative_bank"] = {{"size", 48}};
+  expect_refused(j, "memory_attention_loss");
+}
+
 TEST(TrainLoop, NegativeBankIsUsedAndDeterministic) {
   auto run = [](const json& bank, int threads) {
     const fs::path dir = temp_dir("bank" + std::to_string(threads));

@@ -12,7 +12,7 @@ using namespace dict;
 DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const std::string& where) {
   train::check_task_options(o, {"length", "window", "min_definitions", "max_definitions", "definitions", "queries",
                                 "symbols", "unique_queries", "local_definitions", "random_offset", "bos", "near_keys", "max_gap", "key_symbols",
-                                "mark_first", "first_value_weight"},
+                                "mark_first", "first_value_weight", "attend_values"},
                             where);
   DictionaryOptions d;
   train::task_option(o, "length", d.length, where, 2);
@@ -48,6 +48,9 @@ DictionaryOptions DictionaryOptions::from_json(const nlohmann::json& o, const st
   train::task_option(o, "first_value_weight", d.first_value_weight, where, 1);
   if (d.first_value_weight > 255)
     throw Error(where + ": task option 'first_value_weight' must be <= 255 (a loss weight stored in 8 bits)");
+  train::task_option(o, "attend_values", d.attend_values, where, 0);
+  if (d.attend_values > kValueLength)
+    throw Error(where + ": task option 'attend_values' must be <= " + std::to_string(kValueLength));
   if (d.mark_first > 100) throw Error(where + ": task option 'mark_first' is a percentage, must be <= 100");
   if (d.near_keys > 100) throw Error(where + ": task option 'near_keys' is a percentage, must be <= 100");
   if (d.symbols > kSymbols) throw Error(where + ": task option 'symbols' must be <= " + std::to_string(kSymbols));
@@ -205,7 +208,21 @@ train::Document dictionary_document(const DictionaryOptions& o, train::Rng& rng)
   const std::vector<int> defs = t;
   const int queries =
       o.unique_queries ? std::min<int>(o.queries, int(starts.size()) + o.local_definitions) : o.queries;
-  query_window(t, d.loss, defs, starts, o.window, queries, rng, o.local_definitions, &used, o.symbols);
+  const size_t begin = t.size();
+  const std::vector<int64_t> picked =
+      query_window(t, d.loss, defs, starts, o.window, queries, rng, o.local_definitions, &used, o.symbols);
+  // Attention targets: each queried value's key is the same value in its definition (the token
+  // whose preceding tokens are the key, as an induction head reads it). Local definitions open the
+  // query window, after the earlier ones.
+  d.attend.assign(t.size(), -1);
+  const size_t first_query = begin + size_t(o.local_definitions) * kEntry;
+  for (size_t q = 0; q < picked.size(); ++q) {
+    const int64_t i = picked[q];
+    const int64_t def = i < int64_t(starts.size()) ? starts[size_t(i)]
+                                                   : int64_t(begin) + (i - int64_t(starts.size())) * kEntry;
+    for (int v = kEntry - kValueLength; v < kEntry - kValueLength + o.attend_values; ++v)
+      d.attend[first_query + q * kEntry + size_t(v)] = int32_t(def + v);
+  }
   if (o.first_value_weight != 1)  // a scored token after an unscored one is a v1
     for (size_t i = d.loss.size() - 1; i > 0; --i)
       if (d.loss[i] && !d.loss[i - 1]) d.loss[i] = uint8_t(o.first_value_weight);

@@ -76,6 +76,9 @@ struct DictionaryOptions {
   // The loss weight of each queried first value v1 (v2..v4 keep 1): v1 is the value looked up by
   // the key alone, and the one that fails first as the memory grows (docs/tasks.md, session 21).
   int first_value_weight = 1;
+  // Attention targets (Document::attend, for the training option memory_attention_loss) for the
+  // first n values of each query: 4 = all, 1 = v1 only, 0 = none.
+  int attend_values = dict::kValueLength;
   static DictionaryOptions from_json(const nlohmann::json& o, const std::string& where);
 };
 

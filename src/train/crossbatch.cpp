@@ -117,7 +117,7 @@ namespace {
 template <typename T>
 void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* Q, const T* Kown, const T* Kx,
               const T* V, const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV, T* P, T* dS,
-              T* delta, int tid, int nt) {
+              T* delta, int tid, int nt, AttendTargets<T> targets) {
   const int ld = H * D;
   const T scale = T(1) / std::sqrt(T(D));
   auto at = [&](auto* base, int e, int h) { return base + int64_t(e) * S * ld + h * D; };
@@ -173,6 +173,16 @@ void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* 
           p[j] = fast_exp(p[j] - l);
           ds[j] = p[j] * (ds[j] - dl) * scale;
         }
+        if (targets) {  // + w·(−log P_t): ∂/∂score_j = w·(P_j − [j = t])
+          const int64_t r = int64_t(b) * S + i;
+          const int32_t t = targets.attend[r];
+          if (t >= 0 && cb.sees(b, i, t / S, t % S)) {
+            const T w = targets.weight[r] * scale;
+#pragma omp simd
+            for (int j = 0; j < n; ++j) ds[j] += w * p[j];
+            if (t / S == e) ds[t % S] -= w;
+          }
+        }
         std::fill(p + n, p + width, T(0));  // masked: probability and gradient 0
         std::fill(ds + n, ds + width, T(0));
       }
@@ -214,7 +224,8 @@ void head_bwd(const CrossBatch& cb, int B, int S, int H, int D, int h, const T* 
 
 template <typename T>
 void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
-                   const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV) {
+                   const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV,
+                   AttendTargets<T> targets) {
   const bool threads = worth_threads(B, S, H, D) && omp_get_max_threads() > 1 && !omp_in_parallel();
   if (!threads || H >= omp_get_max_threads()) {  // a head per thread
 #pragma omp parallel for schedule(dynamic, 1) if (threads)
@@ -224,7 +235,7 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
       dS.resize(size_t(S) * S);
       delta.resize(S);
       head_bwd(cb, B, S, H, D, h, Q, Kown, Kx, V, lse, O, dO, dQ, dKown, dKx, dV, P.data(), dS.data(), delta.data(), 0,
-               1);
+               1, targets);
     }
     return;
   }
@@ -232,8 +243,32 @@ void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
   for (int h = 0; h < H; ++h) {
 #pragma omp parallel
     head_bwd(cb, B, S, H, D, h, Q, Kown, Kx, V, lse, O, dO, dQ, dKown, dKx, dV, P.data(), dS.data(), delta.data(),
-             omp_get_thread_num(), omp_get_num_threads());
+             omp_get_thread_num(), omp_get_num_threads(), targets);
   }
+}
+
+template <typename T>
+double attention_target_loss(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
+                             const T* lse, AttendTargets<T> targets) {
+  if (!targets) return 0;
+  const int ld = H * D;
+  const double scale = 1.0 / std::sqrt(double(D));
+  double total = 0;
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < S; ++i) {
+      const int64_t r = int64_t(b) * S + i;
+      const int32_t t = targets.attend[r];
+      if (t < 0 || !cb.sees(b, i, t / S, t % S)) continue;
+      const int e = t / S;
+      const T* keys = e == b ? Kown : Kx;
+      const double bias = e < b - b % cb.k ? cb.negative_bias : 0.0;
+      for (int h = 0; h < H; ++h) {
+        double s = 0;
+        for (int j = 0; j < D; ++j) s += double(Q[r * ld + h * D + j]) * double(keys[int64_t(t) * ld + h * D + j]);
+        total += double(targets.weight[r]) * (double(lse[(int64_t(b) * H + h) * S + i]) - (s * scale + bias));
+      }
+    }
+  return total;
 }
 
 template void attention_fwd<float>(const CrossBatch&, int, int, int, int, const float*, const float*, const float*,
@@ -242,9 +277,13 @@ template void attention_fwd<double>(const CrossBatch&, int, int, int, int, const
                                     const double*, double*, double*);
 template void attention_bwd<float>(const CrossBatch&, int, int, int, int, const float*, const float*, const float*,
                                    const float*, const float*, const float*, const float*, float*, float*, float*,
-                                   float*);
+                                   float*, AttendTargets<float>);
 template void attention_bwd<double>(const CrossBatch&, int, int, int, int, const double*, const double*, const double*,
                                     const double*, const double*, const double*, const double*, double*, double*,
-                                    double*, double*);
+                                    double*, double*, AttendTargets<double>);
+template double attention_target_loss<float>(const CrossBatch&, int, int, int, int, const float*, const float*,
+                                             const float*, const float*, AttendTargets<float>);
+template double attention_target_loss<double>(const CrossBatch&, int, int, int, int, const double*, const double*,
+                                              const double*, const double*, AttendTargets<double>);
 
 }  // namespace ll::train

@@ -9,6 +9,7 @@
 // packs are other documents (negatives); entries after b are never visible.
 // Non-memory layers, and memory layers with range 0, are plain causal attention.
 #include <cstddef>
+#include <cstdint>
 
 namespace ll::train {
 
@@ -31,6 +32,19 @@ struct CrossBatch {
   int contexts(int b) const;
   // How many of b's earlier context entries are negatives: they come first (entries b-c+1 ..).
   int negative_contexts(int b) const;
+  // Whether query row i of entry b sees key row j of entry e (in one memory-layer softmax).
+  bool sees(int b, int i, int e, int j) const { return e < b ? e >= b - contexts(b) + 1 : e == b && j <= i; }
+};
+
+// Attention targets (the training option memory_attention_loss): row r of the micro-batch
+// (entry r / S, position r % S) should attend to key row attend[r] (entry e·S + position), -1 for
+// none. Its loss is weight[r] · (−log P(r attends attend[r])), summed over heads; targets the row
+// does not see are ignored. Null pointers: no targets.
+template <typename T>
+struct AttendTargets {
+  const int32_t* attend = nullptr;
+  const T* weight = nullptr;
+  explicit operator bool() const { return attend != nullptr; }
 };
 
 // Q, Kown: queries and own keys, rotated when the layer uses RoPE; Kx: the keys other entries
@@ -46,10 +60,18 @@ void attention_fwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q,
 
 // Gradients (all overwritten): dQ, dKown (own keys, still rotated), dKx (keys seen by later
 // entries), dV. Each (query entry, key entry) block's probabilities are recomputed from lse.
+// With targets, the gradients are those of Σ dO·O plus the targets' loss (AttendTargets).
 // Parallel over heads (no two heads write the same columns), every sum in a fixed order:
 // deterministic for any thread count.
 template <typename T>
 void attention_bwd(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx, const T* V,
-                   const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV);
+                   const T* lse, const T* O, const T* dO, T* dQ, T* dKown, T* dKx, T* dV,
+                   AttendTargets<T> targets = {});
+
+// The targets' loss: Σ over rows with a visible target and over heads of weight[r] · (−log P).
+// Scores are recomputed from Q and the keys; lse is attention_fwd's.
+template <typename T>
+double attention_target_loss(const CrossBatch& cb, int B, int S, int H, int D, const T* Q, const T* Kown, const T* Kx,
+                             const T* lse, AttendTargets<T> targets);
 
 }  // namespace ll::train

@@ -110,6 +110,10 @@ Document PackedStreams::document(uint64_t index) const {
   Rng r(mix_seed(seed_, index));
   Document d = src_->next(r);
   if (d.tokens.empty() || d.tokens.size() != d.loss.size()) throw Error("a data source produced an empty document");
+  if (!d.attend.empty() && d.attend.size() != d.tokens.size())
+    throw Error("a data source produced attention targets that do not match its tokens");
+  for (size_t i = 0; i < d.attend.size(); ++i)
+    if (d.attend[i] >= int32_t(i)) throw Error("a data source produced an attention target that is not before its row");
   return d;
 }
 
@@ -119,11 +123,13 @@ void PackedStreams::pull(Stream& s) {
   s.pos = 0;
 }
 
-void PackedStreams::next(std::vector<int>& inputs, std::vector<int>& targets, std::vector<uint8_t>& mask) {
+void PackedStreams::next(std::vector<int>& inputs, std::vector<int>& targets, std::vector<uint8_t>& mask,
+                         std::vector<int32_t>* attend) {
   const size_t per = size_t(k_) * S_;
   inputs.resize(per * streams_.size());
   targets.resize(inputs.size());
   mask.resize(inputs.size());
+  if (attend) attend->assign(inputs.size(), -1);
   for (size_t si = 0; si < streams_.size(); ++si) {
     Stream& s = streams_[si];
     // Take per + 1 tokens, then step back one: the last one is also the next step's first input.
@@ -134,6 +140,11 @@ void PackedStreams::next(std::vector<int>& inputs, std::vector<int>& targets, st
       if (t > 0) {
         targets[si * per + t - 1] = tok;
         mask[si * per + t - 1] = s.doc.loss[s.pos];
+        if (attend && !s.doc.attend.empty() && s.doc.attend[s.pos] >= 0) {
+          // input row t holds document position s.pos, so position a is row t - s.pos + a
+          const int64_t row = int64_t(t) - int64_t(s.pos) + s.doc.attend[s.pos];
+          if (row >= 0) (*attend)[si * per + t - 1] = int32_t(si * per + size_t(row));
+        }
       }
       ++s.pos;
     }

@@ -64,8 +64,11 @@ class MixtureSource : public DocumentSource {
 class PackedStreams {
  public:
   PackedStreams(std::shared_ptr<const DocumentSource> src, uint64_t seed, int streams, int k, int S);
-  // inputs, targets, loss mask: [streams·k·S] each.
-  void next(std::vector<int>& inputs, std::vector<int>& targets, std::vector<uint8_t>& mask);
+  // inputs, targets, loss mask: [streams·k·S] each. With `attend`, also the attention targets of
+  // the rows (Document::attend as rows of this batch: the input row of the key, -1 for none or
+  // for a key before this step).
+  void next(std::vector<int>& inputs, std::vector<int>& targets, std::vector<uint8_t>& mask,
+            std::vector<int32_t>* attend = nullptr);
   nlohmann::json state() const;
   void restore(const nlohmann::json& state);  // throws ll::Error if it does not fit
 

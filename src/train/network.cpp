@@ -41,6 +41,12 @@ void Network<T>::use_negative_banks(const uint8_t* mask, int pack) {
 }
 
 template <typename T>
+void Network<T>::use_attention_targets(const int32_t* attend, double weight) {
+  attend_ = weight > 0 ? attend : nullptr;
+  attend_weight_ = weight;
+}
+
+template <typename T>
 const T* Network<T>::forward(const T* p, const int* inputs, int B, const CrossBatch& cb) {
   const ModelConfig& c = config_;
   const int S = S_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads,
@@ -115,6 +121,7 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
   const ModelConfig& c = config_;
   const int S = S_, B = B_, N = B * S, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads,
             V = c.vocab_size;
+  attention_loss_ = 0;
   // dlogits overwrite the logits
   const CEStats st = cross_entropy<T>(logits_.data(), N, V, targets, mask, S, loss_scale, logits_.data());
   std::vector<T>&dx = dx_, &dxn = dxn_;
@@ -142,8 +149,26 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
     linear_bwd(a.att.data(), N, d, p + o.wo, d, dx.data(), datt.data(), false, g + o.wo);
     const bool rope = rope_in(l);
     const T* kown = rope ? a.Kr.data() : a.K.data();
-    attention_bwd(layer_cb(l), B, S, c.heads_in(l), c.head_dim_in(l), a.Q.data(), kown, a.K.data(), a.V.data(),
-                  a.lse.data(), a.att.data(), datt.data(), dQ.data(), dKown.data(), dKx.data(), dV.data());
+    const CrossBatch lcb = layer_cb(l);
+    const int Hl = c.heads_in(l), Dl = c.head_dim_in(l);
+    AttendTargets<T> targets;
+    if (attend_ && c.is_mem_layer(l)) {
+      // per row: weight / (visible targets of its entry · heads), the entry mean like the NLL's
+      attend_w_.assign(size_t(N), T(0));
+      for (int b = 0; b < B; ++b) {
+        int n = 0;
+        for (int i = 0; i < S; ++i) {
+          const int32_t t = attend_[b * S + i];
+          n += t >= 0 && lcb.sees(b, i, t / S, t % S);
+        }
+        for (int i = 0; i < S && n > 0; ++i) attend_w_[size_t(b) * S + i] = T(attend_weight_ / (double(n) * Hl));
+      }
+      targets = {attend_, attend_w_.data()};
+      attention_loss_ += attention_target_loss(lcb, B, S, Hl, Dl, a.Q.data(), kown, a.K.data(), a.lse.data(), targets);
+      for (T& w : attend_w_) w *= loss_scale;
+    }
+    attention_bwd(lcb, B, S, Hl, Dl, a.Q.data(), kown, a.K.data(), a.V.data(), a.lse.data(), a.att.data(), datt.data(),
+                  dQ.data(), dKown.data(), dKx.data(), dV.data(), targets);
     if (bank_pack_ > 0 && banks_[l]) banks_[l]->add_dq(S, a.lse.data(), a.att.data(), datt.data(), dQ.data());
     if (rope) {
       rope_bwd(dQ.data(), N, d, H, rope_, S);
@@ -165,6 +190,7 @@ CEStats Network<T>::backward(const T* p, const int* targets, const uint8_t* mask
     bank_pack_ = 0;
     bank_mask_ = nullptr;
   }
+  attend_ = nullptr;
   return st;
 }
 

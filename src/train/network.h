@@ -36,6 +36,14 @@ class Network {
   // their gradient (call forward again before another loss/backward).
   CEStats backward(const T* params, const int* targets, const uint8_t* mask, T loss_scale, T* grads);
 
+  // For the next backward only: attention targets of the memory layers (AttendTargets; attend
+  // [B·S], rows of this micro-batch, -1 for none) with loss weight `weight`: the objective gains
+  // weight · Σ_entries mean over the entry's rows with a visible target of the mean over heads of
+  // −log P(the row attends its target), summed over memory layers (times loss_scale, as the NLL).
+  // attention_loss() then returns that term (without loss_scale).
+  void use_attention_targets(const int32_t* attend, double weight);
+  double attention_loss() const { return attention_loss_; }
+
   // Negative banks (negative_bank.h), one per memory layer, each `size` rows, top_k per query.
   void enable_negative_banks(int64_t size, int top_k);
   // For the next forward + backward only: the rows with mask != 0 ([B·S], the loss rows) use the
@@ -68,6 +76,9 @@ class Network {
   std::vector<int> bank_rows_;
   const uint8_t* bank_mask_ = nullptr;
   bool bank_external_ = false;
+  const int32_t* attend_ = nullptr;  // use_attention_targets, for the next backward
+  double attend_weight_ = 0, attention_loss_ = 0;
+  std::vector<T> attend_w_;
   int bank_pack_ = 0;  // > 0: the current forward + backward use the banks
   // Workspaces kept across calls (re-allocating them every micro-batch costs page faults).
   std::vector<T> x_, tmp_, dx_, dxn_, datt_, dQ_, dKown_, dKx_, dV_, dA_, dG_, dU_;

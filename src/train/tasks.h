@@ -32,6 +32,10 @@ uint64_t mix_seed(uint64_t a, uint64_t b);  // for independent streams: Rng(mix_
 struct Document {
   std::vector<int> tokens;
   std::vector<uint8_t> loss;  // loss[i]: the weight of predicting tokens[i] in the loss (0: not counted)
+  // Optional (empty, or one per token): attend[i] >= 0 is the position of the key that the memory
+  // layers' query predicting tokens[i] should attend to (the training option
+  // memory_attention_loss); -1: none. Tasks that know where the answer is (dictionary) fill it.
+  std::vector<int32_t> attend;
 };
 
 class DocumentSource {

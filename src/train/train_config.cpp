@@ -277,6 +277,13 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     if (c.negative_bank_size > 0 && c.model.mem_positionals)
       throw Error(nb.name("size") + ": a negative bank needs memory layers without positions (mem_positionals false)");
   }
+  f.get("memory_attention_loss", c.memory_attention_loss);
+  if (!(c.memory_attention_loss >= 0 && c.memory_attention_loss <= 1000))
+    throw Error(f.name("memory_attention_loss") + ": must be a number in [0, 1000] (a loss weight)");
+  if (c.memory_attention_loss > 0 && c.model.mem_layers.empty())
+    throw Error(f.name("memory_attention_loss") + ": the model has no memory layers (mem_layers) to supervise");
+  if (c.memory_attention_loss > 0 && c.negative_bank_size > 0)
+    throw Error(f.name("memory_attention_loss") + ": does not combine with a negative bank (its keys are outside the targets' softmax)");
   if (f.has("init_copy_rows")) {
     Fields r(f.at("init_copy_rows"), f.name("init_copy_rows"));
     std::vector<int> rows, from;

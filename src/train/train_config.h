@@ -80,6 +80,10 @@ struct TrainConfig {
   int64_t negative_bank_size = 0;
   int negative_bank_top_k = 32;
   double negative_bank_momentum = 0;  // > 0: bank keys from an EMA copy of the parameters
+  // > 0: an auxiliary loss that supervises the memory layers' attention where the task knows the
+  // answer's key (Document::attend, the dictionary task): weight · mean −log P(query attends its
+  // target), per entry like the NLL (Network::use_attention_targets). This engine's extension.
+  double memory_attention_loss = 0;
   // "init_copy_rows": before the first step, token rows [rows_begin, rows_end) of the embedding
   // and the LM head become copies of rows from_begin + (r - rows_begin) % (from_end - from_begin)
   // plus N(0, noise): tokens the init never trained start from trained ones (a vocabulary

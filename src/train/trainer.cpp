@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -275,9 +276,10 @@ StepStats Trainer::step() {
   const auto t0 = clock_type::now();
   const int S = cfg_.seq_len, B = cfg_.batch_size, mb = cfg_.micro_batch_size;
   const CrossBatch cb{cfg_.pack_size, current_range(), cfg_.stepping, true, cfg_.negative_bias};
-  stream_->next(inputs_, targets_, mask_);
+  const bool attend = cfg_.memory_attention_loss > 0;
+  stream_->next(inputs_, targets_, mask_, attend ? &attend_ : nullptr);
   std::fill(grads_.begin(), grads_.end(), 0.0f);
-  double loss_sum = 0;
+  double loss_sum = 0, attention_loss = 0;
   int64_t correct = 0, counted = 0;
   for (int m = 0; m < B; m += mb) {
     const size_t at = size_t(m) * S;
@@ -290,8 +292,14 @@ StepStats Trainer::step() {
       ema_net_->forward(ema_params_.data(), ema_inputs_.data(), mb / cfg_.pack_size, CrossBatch{1, 0, true, true});
     }
     net_.forward(params_.data(), inputs_.data() + at, mb, cb);
+    if (attend) {  // batch rows -> rows of this micro-batch (a pack never straddles micro-batches)
+      attend_mb_.assign(attend_.begin() + ptrdiff_t(at), attend_.begin() + ptrdiff_t(at + size_t(mb) * S));
+      for (int32_t& r : attend_mb_) r = r >= int32_t(at) ? r - int32_t(at) : -1;
+      net_.use_attention_targets(attend_mb_.data(), cfg_.memory_attention_loss);
+    }
     const CEStats st =
         net_.backward(params_.data(), targets_.data() + at, mask_.data() + at, 1.0f / float(B), grads_.data());
+    attention_loss += net_.attention_loss();
     if (ema_net_) net_.push_banks_from(*ema_net_);
     loss_sum += st.loss_sum;
     correct += st.correct;
@@ -311,6 +319,7 @@ StepStats Trainer::step() {
   ++step_;
   s.step = step_;
   s.loss = loss_sum / B;
+  s.attention_loss = attention_loss / B;
   s.accuracy = counted ? double(correct) / double(counted) : 0.0;
   s.tokens = int64_t(B) * S;
   advance_schedule(s.accuracy);
@@ -393,9 +402,12 @@ void Trainer::run(int64_t stop_after) {
                     "step %lld/%lld | loss %.4f | acc %.4f | r %d | lr %.2e | |g| %.3f | %.0f tok/s | ETA %s",
                     (long long)step_, (long long)cfg_.steps, s.loss, s.accuracy, s.range, s.lr, s.grad_norm,
                     double(tokens_since) / dt, fmt_duration(eta).c_str());
+      if (cfg_.memory_attention_loss > 0)
+        std::snprintf(buf + std::strlen(buf), sizeof buf - std::strlen(buf), " | attn loss %.4f", s.attention_loss);
       log(buf);
       log_json({{"step", step_},
                 {"loss", s.loss},
+                {"attention_loss", s.attention_loss},
                 {"accuracy", s.accuracy},
                 {"range", s.range},
                 {"lr", s.lr},

@@ -23,6 +23,7 @@ namespace ll::train {
 struct StepStats {
   int64_t step = 0;     // number of optimizer steps done, this one included
   double loss = 0;      // mean over entries of per-entry mean NLL (the objective)
+  double attention_loss = 0;  // memory_attention_loss's term, same mean (weight included)
   double accuracy = 0;  // over loss tokens: argmax == target
   double grad_norm = 0, lr = 0;
   int range = 0;  // cross_batch_range used
@@ -95,6 +96,7 @@ class Trainer {
   std::deque<double> recent_accuracy_;
   std::vector<int> inputs_, targets_;
   std::vector<uint8_t> mask_;
+  std::vector<int32_t> attend_, attend_mb_;  // memory_attention_loss: the batch's and a micro-batch's targets
 };
 
 // Training FLOPs per token of a micro-batch layout (what bench() counts).
