@@ -13,6 +13,7 @@
 #include "train/checkpoint.h"
 #include "train/params.h"
 #include "train/trainer.h"
+#include "train/widen.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
@@ -595,4 +596,64 @@ TEST(TrainLoop, NegativeBankIsUsedAndDeterministic) {
   j["model"]["mem_positionals"] = false;
   j["negative_bank"]["momentum"] = 1.0;
   EXPECT_THROW(config_of(j), Error);
+}
+
+// init_widen: the saved model (steps 0) is widen_model of the init, with the config's seed by
+// default; the run then trains at the widened shape; bad settings are refused by name.
+TEST(TrainLoop, InitWiden) {
+  const fs::path dir = temp_dir("widen");
+  ModelConfig c = copy_run_shape(2);
+  c.mem_layers = {1};
+  c.mem_dtype = MemDType::F32;
+  c.last_context_length = 0;
+  const Model base = Model::random(c, 13);
+  base.save((dir / "base").string(), false);
+  json j = copy_run(dir / "out", 0);
+  j.erase("model");
+  j["init"] = (dir / "base").string();
+  j["init_widen"] = {{"factor", 2}, {"std", 0.03}};
+  Trainer(config_of(j), Trainer::Start::Fresh).run();
+  const Model saved = Model::load((dir / "out" / "model").string());
+  const Model expect = widen_model(base, {2, 0.03, 5});  // copy_run's seed
+  EXPECT_EQ(saved.config.hidden_size, 64);
+  EXPECT_EQ(saved.config.num_attention_heads, 4);
+  EXPECT_EQ(saved.config.intermediate_size, 128);
+  const ParamLayout L(saved.config);
+  EXPECT_EQ(flatten(saved, L), flatten(expect, L));
+  j["steps"] = 3;
+  j["output"] = (dir / "out2").string();
+  Trainer t(config_of(j), Trainer::Start::Fresh);
+  t.run();
+  EXPECT_EQ(Model::load((dir / "out2" / "model").string()).config.hidden_size, 64);
+  for (const auto& [widen, what] : {std::pair{json{{"factor", 1}}, std::string("init_widen.factor")},
+                                    std::pair{json{{"factor", 2}, {"std", -1}}, std::string("init_widen.std")},
+                                    std::pair{json{{"factor", 2}, {"width", 3}}, std::string("width")}}) {
+    json k = j;
+    k["init_widen"] = widen;
+    expect_refused(k, what);
+  }
+  json k = copy_run(dir / "out3", 0);
+  k["init_widen"] = {{"factor", 2}};
+  expect_refused(k, "needs 'init'");
+  fs::remove_all(dir);
+}
+
+// The CLI's --init / --output replace the config's fields (absolute paths, not resolved against
+// the config's directory), so one stage config serves several chains.
+TEST(TrainLoop, FileOverridesReplaceInitAndOutput) {
+  const fs::path dir = temp_dir("overrides");
+  fs::create_directories(dir / "cfg");
+  Model::random(copy_run_shape(2), 4).save((dir / "elsewhere").string(), false);
+  json j = copy_run("relative-out", 1);
+  j.erase("model");
+  j["init"] = "no-such-model";
+  std::ofstream((dir / "cfg" / "t.json").string()) << j.dump();
+  const std::string file = (dir / "cfg" / "t.json").string();
+  EXPECT_THROW(TrainConfig::from_file(file), Error);  // its own init does not exist
+  const TrainConfig c = TrainConfig::from_file(
+      file, {{"init", (dir / "elsewhere").string()}, {"output", (dir / "out").string()}});
+  EXPECT_EQ(c.init, (dir / "elsewhere").string());
+  EXPECT_EQ(c.output, (dir / "out").string());
+  EXPECT_EQ(c.model.hidden_size, 32);
+  fs::remove_all(dir);
 }

@@ -1,5 +1,6 @@
 // train: FoT (crossbatch) training from a TRAIN.json (schema in docs/training.md).
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -12,14 +13,17 @@ namespace cli {
 namespace {
 
 struct TrainArgs {
-  std::string config;
+  std::string config, init, output;
   bool resume = false, json = false;
   int bench_steps = 0, threads = -1;
   int64_t stop_after = 0;
 };
 
 int run_train(const TrainArgs& a) {
-  ll::train::TrainConfig cfg = ll::train::TrainConfig::from_file(a.config);
+  nlohmann::json overrides = nlohmann::json::object();
+  if (!a.init.empty()) overrides["init"] = std::filesystem::absolute(a.init).string();
+  if (!a.output.empty()) overrides["output"] = std::filesystem::absolute(a.output).string();
+  ll::train::TrainConfig cfg = ll::train::TrainConfig::from_file(a.config, overrides);
   if (a.threads >= 0) cfg.threads = a.threads;
   auto log = [](const std::string& line) {
     std::fprintf(stderr, "%s\n", line.c_str());
@@ -62,6 +66,8 @@ void add_train_commands(CLI::App& app, Commands& out) {
   auto a = std::make_shared<TrainArgs>();
   auto* tr = app.add_subcommand("train", "Train or fine-tune a LongLLaMA with FoT crossbatch (docs/training.md)");
   tr->add_option("--config", a->config, "TRAIN.json")->required();
+  tr->add_option("--init", a->init, "Model directory to start from (replaces the config's init; relative to here)");
+  tr->add_option("--output", a->output, "Output directory (replaces the config's output; relative to here)");
   tr->add_flag("--resume", a->resume, "Continue from the newest checkpoint in the output directory");
   tr->add_option("--threads", a->threads, "Threads (overrides the config; 0 = all)");
   tr->add_option("--bench-steps", a->bench_steps,

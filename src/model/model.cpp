@@ -24,6 +24,8 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+}  // namespace
+
 // The parameter vectors of m, in tensor_specs order.
 std::vector<std::vector<float>*> parameter_vectors(Model& m) {
   std::vector<std::vector<float>*> r = {&m.embed};
@@ -34,8 +36,6 @@ std::vector<std::vector<float>*> parameter_vectors(Model& m) {
   if (!m.config.tie_word_embeddings) r.push_back(&m.lm_head);
   return r;
 }
-
-}  // namespace
 
 std::vector<TensorSpec> tensor_specs(const ModelConfig& c) {
   const int64_t d = c.hidden_size, f = c.intermediate_size, v = c.vocab_size;

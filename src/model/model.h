@@ -53,4 +53,7 @@ struct Model {
   size_t parameter_count() const;
 };
 
+// The parameter vectors of m, in tensor_specs(m.config) order (lm_head only when untied).
+std::vector<std::vector<float>*> parameter_vectors(Model& m);
+
 }  // namespace ll

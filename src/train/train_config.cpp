@@ -6,6 +6,7 @@
 #include <set>
 #include <sstream>
 
+#include "train/widen.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
@@ -82,12 +83,14 @@ json read_json(const std::string& path, const std::string& what) {
 
 std::vector<std::string> resume_sensitive_fields() {
   return {"model",     "init",        "data",      "seq_len", "batch_size", "micro_batch_size",
-          "pack_size", "cross_batch", "optimizer", "seed", "mem_query_scale", "init_copy_rows",
+          "pack_size", "cross_batch", "optimizer", "seed", "mem_query_scale", "init_copy_rows", "init_widen",
           "negative_bank"};
 }
 
-TrainConfig TrainConfig::from_file(const std::string& path) {
-  const json j = read_json(path, "training config");
+TrainConfig TrainConfig::from_file(const std::string& path, const json& overrides) {
+  json j = read_json(path, "training config");
+  if (!j.is_object()) throw Error(path + ": expected a JSON object");
+  for (const auto& [k, v] : overrides.items()) j[k] = v;
   std::string base = fs::path(path).parent_path().string();
   if (base.empty()) base = ".";
   return from_json(j, path, base);
@@ -117,6 +120,21 @@ TrainConfig TrainConfig::from_json(const json& j, const std::string& source, con
     throw Error(source + ": needs 'model' (a model shape) or 'init' (a model directory)");
   }
   c.model = ModelConfig::from_json_text(model_json.dump(), source + ": model");
+  if (f.has("init_widen")) {
+    Fields w(f.at("init_widen"), f.name("init_widen"));
+    w.get("factor", c.init_widen.factor);
+    w.get("std", c.init_widen.std);
+    f.get("seed", c.init_widen.seed);  // the default; init_widen.seed wins
+    w.get("seed", c.init_widen.seed);
+    w.done();
+    if (c.init_widen.factor < 2 || c.init_widen.factor > 16)
+      throw Error(w.name("factor") + ": must be an integer in [2, 16], got " + std::to_string(c.init_widen.factor));
+    if (!(c.init_widen.std >= 0) || !std::isfinite(c.init_widen.std))
+      throw Error(w.name("std") + ": must be a number >= 0");
+    if (c.init.empty()) throw Error(f.name("init_widen") + ": needs 'init' (a trained model to widen)");
+    c.model = widened_config(c.model, c.init_widen.factor);
+    c.model.validate(f.name("init_widen"));
+  }
 
   // Data.
   if (!f.has("data")) throw Error(source + ": missing field 'data'");

@@ -92,8 +92,18 @@ struct TrainConfig {
     int rows_begin = 0, rows_end = 0, from_begin = 0, from_end = 0;
     double noise = 0;
   } init_copy_rows;
+  // "init_widen": the init model grown k times wider before the first step, computing the same
+  // function (train/widen.h): hidden_size, intermediate_size and the head counts x factor. Needs
+  // "init"; `model` then describes the init before widening.
+  struct Widen {
+    int factor = 0;  // 0: not widened
+    double std = 0.02;
+    uint64_t seed = 0;  // default: the config's seed
+  } init_widen;
 
-  static TrainConfig from_file(const std::string& path);
+  // overrides: top-level fields replaced before parsing (the CLI's --init and --output, given
+  // as absolute paths, so one stage config serves several chains).
+  static TrainConfig from_file(const std::string& path, const nlohmann::json& overrides = nlohmann::json::object());
   // Relative paths are resolved against base_dir (the directory of the TRAIN.json file).
   static TrainConfig from_json(const nlohmann::json& j, const std::string& source, const std::string& base_dir);
 };

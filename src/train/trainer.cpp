@@ -14,6 +14,7 @@
 #include <fstream>
 
 #include "train/checkpoint.h"
+#include "train/widen.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
@@ -93,7 +94,13 @@ Trainer::Trainer(TrainConfig cfg, Start start, Log log)
   const ParamLayout& L = net_.layout();
   grads_.assign(L.total, 0.0f);
   if (!cfg_.init.empty()) {
-    const Model init = Model::load(cfg_.init);
+    Model init = Model::load(cfg_.init);
+    if (cfg_.init_widen.factor > 0) {
+      const int d = init.config.hidden_size;
+      init = widen_model(init, {cfg_.init_widen.factor, cfg_.init_widen.std, cfg_.init_widen.seed});
+      this->log("init widened x" + std::to_string(cfg_.init_widen.factor) + ": hidden " + std::to_string(d) + " -> " +
+          std::to_string(init.config.hidden_size));
+    }
     check_same_shape(init.config, cfg_.model, cfg_.source);
     params_ = flatten(init, L);
     scale_memory_queries(&init.config);
